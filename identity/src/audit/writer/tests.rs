@@ -1,0 +1,297 @@
+use std::collections::HashSet;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::audit::tests::{event, issuance_event, lines, verify, write_file, write_lines};
+use crate::audit::*;
+
+#[test]
+fn new_file_is_private() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_file(dir.path(), 1);
+    assert_eq!(
+        fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+}
+
+#[test]
+fn reopen_continues_the_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_file(dir.path(), 3);
+    let before = verify(&path).unwrap();
+    let log = AuditLog::open(&path, "node-2").unwrap();
+    assert_eq!(log.head(), (3, before.head));
+    let next = log.append(event(3)).unwrap();
+    assert_eq!(next.seq, 4);
+    log.append(event(4)).unwrap();
+    drop(log);
+    let lines = lines(&path);
+    let fourth: AuditRecord = serde_json::from_str(&lines[3]).unwrap();
+    assert_eq!(fourth.prev, before.head);
+    assert_eq!(fourth.node, "node-2");
+    assert_eq!(verify(&path).unwrap().records, 5);
+}
+
+#[test]
+fn torn_tail_is_refused_on_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_file(dir.path(), 3);
+    let text = fs::read_to_string(&path).unwrap();
+    fs::write(&path, &text[..text.len() - 30]).unwrap();
+    let err = AuditLog::open(&path, "node-1").unwrap_err();
+    assert!(matches!(err, AuditError::TornTail { .. }), "{err:?}");
+    assert!(err.to_string().contains("meshward audit verify"), "{err}");
+    // Nothing was appended to the damaged file.
+    assert_eq!(fs::read_to_string(&path).unwrap(), text[..text.len() - 30]);
+}
+
+#[test]
+fn edited_last_record_is_refused_on_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_file(dir.path(), 3);
+    let mut lines = lines(&path);
+    lines[2] = lines[2].replace("p2", "p7");
+    write_lines(&path, &lines);
+    let err = AuditLog::open(&path, "node-1").unwrap_err();
+    assert!(
+        matches!(err, AuditError::BadTail { ref reason, .. } if reason.contains("record 3 was edited")),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn garbage_last_line_is_refused_on_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    fs::write(&path, "not an audit record\n").unwrap();
+    let err = AuditLog::open(&path, "node-1").unwrap_err();
+    assert!(matches!(err, AuditError::BadTail { .. }), "{err:?}");
+}
+
+#[test]
+fn second_writer_is_refused_while_the_first_is_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let first = AuditLog::open(&path, "node-1").unwrap();
+    first.append(event(0)).unwrap();
+    let err = AuditLog::open(&path, "node-1").unwrap_err();
+    assert!(
+        matches!(err, AuditError::Locked { ref path } if path.ends_with("audit.jsonl")),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("audit.jsonl"), "{err}");
+    drop(first);
+    let again = AuditLog::open(&path, "node-1").unwrap();
+    assert_eq!(again.head().0, 1);
+}
+
+#[test]
+fn overlong_node_name_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = AuditLog::open(dir.path().join("a.jsonl"), &"n".repeat(300)).unwrap_err();
+    assert!(
+        matches!(err, AuditError::NodeTooLong { max: 256, .. }),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn concurrent_appends_make_one_valid_chain() {
+    const THREADS: usize = 8;
+    const PER_THREAD: usize = 300;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let policy = SyncPolicy {
+        max_delay: Duration::from_millis(2),
+        max_records: 64,
+    };
+    let log = Arc::new(AuditLog::open_with(&path, "node-1", policy).unwrap());
+    let handles: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let log = Arc::clone(&log);
+            std::thread::spawn(move || {
+                for i in 0..PER_THREAD {
+                    let mut e = event(i);
+                    e.principal = format!("t{t}-{i}");
+                    log.append(e).unwrap();
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    drop(Arc::into_inner(log).unwrap());
+
+    let report = verify(&path).unwrap();
+    assert_eq!(report.records, (THREADS * PER_THREAD) as u64);
+    let mut seen = HashSet::new();
+    for r in AuditReader::open(&path).unwrap() {
+        assert!(
+            seen.insert(r.unwrap().record.principal),
+            "a record appears twice"
+        );
+    }
+    for t in 0..THREADS {
+        for i in 0..PER_THREAD {
+            assert!(seen.contains(&format!("t{t}-{i}")), "t{t}-{i} is missing");
+        }
+    }
+}
+
+#[test]
+fn records_reach_the_file_without_an_explicit_sync() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let policy = SyncPolicy {
+        max_delay: Duration::from_millis(5),
+        max_records: 1000,
+    };
+    let log = AuditLog::open_with(&path, "node-1", policy).unwrap();
+    log.append(event(0)).unwrap();
+    // The background thread writes the batch once it is 5 ms old; allow a slow machine plenty of time.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !matches!(verify(&path), Ok(report) if report.records == 1) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the batch was never written"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(verify(&path).unwrap().records, 1);
+    drop(log);
+}
+
+#[test]
+fn sync_writes_everything_appended() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let policy = SyncPolicy {
+        max_delay: Duration::from_secs(3600),
+        max_records: 1_000_000,
+    };
+    let log = AuditLog::open_with(&path, "node-1", policy).unwrap();
+    for i in 0..5 {
+        log.append(event(i)).unwrap();
+    }
+    assert_eq!(
+        fs::metadata(&path).unwrap().len(),
+        0,
+        "nothing is written before the policy says so"
+    );
+    log.sync().unwrap();
+    assert_eq!(verify(&path).unwrap().records, 5);
+    drop(log);
+}
+
+#[test]
+fn log_is_send_and_sync() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<AuditLog>();
+}
+
+// ---- caps -------------------------------------------------------------------------------------------
+
+#[test]
+fn oversized_fields_are_capped() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let log = AuditLog::open(&path, "node-1").unwrap();
+    let mut e = issuance_event();
+    // Control characters escape six-fold in JSON: the worst case for the line length.
+    let huge = "\u{1}".repeat(20_000);
+    e.principal = huge.clone();
+    e.action = huge.clone();
+    e.resource = format!("é{huge}");
+    e.spiffe_id = Some(huge.clone());
+    e.serial = Some(huge.clone());
+    e.agent = Some(huge.clone());
+    e.pod = Some(huge.clone());
+    e.policies = vec![huge.clone(); 100];
+    e.errors = vec![huge.clone(); 100];
+    for i in 0..200 {
+        e.context
+            .insert(format!("header-{i}"), Value::String(huge.clone()));
+    }
+    log.append(e).unwrap();
+    drop(log);
+
+    let text = fs::read_to_string(&path).unwrap();
+    assert!(text.len() <= MAX_LINE_BYTES, "line is {} bytes", text.len());
+    let record = AuditReader::open(&path)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .record;
+    assert!(
+        record.principal.len() <= MAX_ID_BYTES && record.principal.ends_with(TRUNCATION_MARKER)
+    );
+    assert!(record.resource.starts_with('é') && record.resource.ends_with(TRUNCATION_MARKER));
+    assert_eq!(record.policies.len(), MAX_POLICIES);
+    assert_eq!(record.errors.len(), MAX_ERRORS);
+    assert!(serde_json::to_string(&record.context).unwrap().len() <= MAX_CONTEXT_BYTES);
+    assert!(
+        record
+            .context
+            .get("_truncated")
+            .and_then(Value::as_u64)
+            .unwrap()
+            > 190
+    );
+    assert_eq!(
+        record.truncated,
+        [
+            "principal",
+            "action",
+            "resource",
+            "context",
+            "policies",
+            "errors",
+            "spiffe_id",
+            "serial",
+            "agent",
+            "pod"
+        ]
+    );
+    assert_eq!(verify(&path).unwrap().records, 1);
+}
+
+#[test]
+fn deep_context_is_capped_and_still_readable() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let log = AuditLog::open(&path, "node-1").unwrap();
+    let mut deep = Value::Null;
+    for _ in 0..500 {
+        deep = Value::Array(vec![deep]);
+    }
+    let mut e = event(0);
+    e.context.insert("deep".to_owned(), deep);
+    log.append(e).unwrap();
+    drop(log);
+    let record = AuditReader::open(&path)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .record;
+    assert_eq!(record.truncated, ["context"]);
+    assert!(
+        serde_json::to_string(&record.context)
+            .unwrap()
+            .contains(TRUNCATION_MARKER)
+    );
+}
+
+#[test]
+fn small_fields_are_not_capped() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_file(dir.path(), 1);
+    assert!(!fs::read_to_string(&path).unwrap().contains("truncated"));
+}

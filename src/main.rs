@@ -1,0 +1,120 @@
+//! `meshward`: one binary for every part of the mesh, one subcommand per part.
+//!
+//! Exit codes follow sysexits where they apply, so scripts can tell "the answer is no" from "could
+//! not ask":
+//!
+//! | code | meaning |
+//! | --- | --- |
+//! | 0 | done; for checks, the answer is yes (the audit file is intact) |
+//! | 1 | the answer is no (the audit file is not intact) |
+//! | 64 | bad command line or environment value (`EX_USAGE`) |
+//! | 66 | an input file cannot be opened (`EX_NOINPUT`) |
+//! | 74 | reading or writing failed part-way (`EX_IOERR`) |
+//!
+//! Every error is one line on stderr; nothing here panics.
+
+mod cmd;
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use tracing_subscriber::EnvFilter;
+
+/// Exit code for a bad command line.
+const EX_USAGE: u8 = 64;
+
+/// Zero-trust workload identity and authorization for service meshes.
+#[derive(Debug, Parser)]
+#[command(name = "meshward", version, about)]
+struct Cli {
+    /// Log filter, in tracing's EnvFilter syntax (`info`, `meshward_identity=debug`). Logs go to stderr.
+    #[arg(
+        long = "log",
+        global = true,
+        env = "MESHWARD_LOG",
+        default_value = "warn",
+        value_name = "FILTER"
+    )]
+    log: String,
+    /// Log line format.
+    #[arg(long, global = true, env = "MESHWARD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Check and read audit files.
+    Audit(cmd::audit::AuditArgs),
+}
+
+/// How log lines look.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    /// Human-readable text.
+    Plain,
+    /// One JSON object per line.
+    Json,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(&e),
+    };
+    if let Err(e) = init_logging(&cli.log, cli.log_format) {
+        eprintln!("meshward: {e:#}");
+        return ExitCode::from(EX_USAGE);
+    }
+    let outcome = match cli.command {
+        Command::Audit(args) => cmd::audit::run(args),
+    };
+    match outcome {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("meshward: {e:#}");
+            ExitCode::from(cmd::EX_IOERR)
+        }
+    }
+}
+
+/// Prints help or the version as clap renders them, and any other parse error as one line.
+fn usage_error(e: &clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    match e.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
+            // Best effort: a closed stdout is no reason to fail `--help`.
+            let _ = e.print();
+            ExitCode::SUCCESS
+        }
+        ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand | ErrorKind::MissingSubcommand => {
+            let _ = e.print();
+            ExitCode::from(EX_USAGE)
+        }
+        _ => {
+            let rendered = e.render().to_string();
+            let first = rendered
+                .lines()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("invalid arguments");
+            let message = first.strip_prefix("error: ").unwrap_or(first);
+            eprintln!("meshward: {message} (see `meshward --help`)");
+            ExitCode::from(EX_USAGE)
+        }
+    }
+}
+
+fn init_logging(filter: &str, format: LogFormat) -> anyhow::Result<()> {
+    let filter = EnvFilter::try_new(filter)
+        .with_context(|| format!("invalid MESHWARD_LOG filter `{filter}`"))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let installed = match format {
+        LogFormat::Plain => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+    installed.map_err(|e| anyhow::anyhow!("cannot start logging: {e}"))
+}
