@@ -48,6 +48,8 @@ struct Cli {
 enum Command {
     /// Check and read audit files.
     Audit(cmd::audit::AuditArgs),
+    /// The certificate authority: run it, and manage tokens, entries, agents and roots.
+    Ca(cmd::ca::CaArgs),
 }
 
 /// How log lines look.
@@ -70,6 +72,7 @@ fn main() -> ExitCode {
     }
     let outcome = match cli.command {
         Command::Audit(args) => cmd::audit::run(args),
+        Command::Ca(args) => cmd::ca::run(args),
     };
     match outcome {
         Ok(code) => code,

@@ -1,6 +1,7 @@
 //! The subcommands, one module per part; each turns its typed arguments into an exit code.
 
 pub mod audit;
+pub mod ca;
 
 use clap::ValueEnum;
 

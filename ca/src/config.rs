@@ -1,0 +1,454 @@
+//! The CA's typed configuration, validated once before the runtime starts.
+//!
+//! The CLI gathers [`CaSettings`] from three places, most specific first: flags (and their
+//! `MESHWARD_CA_<SETTING>` env fallbacks, which clap reads), the TOML file given with `--config`, and
+//! the defaults here. [`CaSettings::into_config`] turns them into a [`CaConfig`] whose every field is
+//! a domain type (`TrustDomain`, `SocketAddr`, `Duration`), so nothing downstream parses again.
+//! Tests build a [`CaConfig`] directly with [`CaConfig::new`].
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use meshward_identity::TrustDomain;
+use meshward_identity::x509::{MAX_AUTHORITY_TTL, MAX_SVID_TTL, MIN_SVID_TTL};
+use serde::Deserialize;
+
+/// The admin socket's file name inside the data dir.
+pub const ADMIN_SOCKET_FILE: &str = "admin.sock";
+/// The audit log's file name inside the data dir.
+pub const AUDIT_FILE: &str = "audit.jsonl";
+/// Default lifetime of workload X.509-SVIDs.
+pub const DEFAULT_SVID_TTL: Duration = Duration::from_secs(60 * 60);
+/// Default lifetime of agent SVIDs.
+pub const DEFAULT_AGENT_SVID_TTL: Duration = Duration::from_secs(60 * 60);
+/// Default lifetime of JWT-SVIDs (short: a bearer token cannot be bound to a key).
+pub const DEFAULT_JWT_TTL: Duration = Duration::from_secs(5 * 60);
+/// Default lifetime of a root made at first start or by `ca rotate prepare`.
+pub const DEFAULT_ROOT_TTL: Duration = Duration::from_secs(365 * 24 * 60 * 60);
+/// Default cap on the SVID requests in one `MintX509Svids` call.
+pub const DEFAULT_MAX_BATCH: usize = 1_000;
+/// Largest accepted `max_batch`.
+pub const MAX_MAX_BATCH: usize = 10_000;
+
+/// Everything `meshward ca run` needs, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaConfig {
+    /// Keys, SQLite state, the audit log and (by default) the admin socket live here.
+    pub data_dir: PathBuf,
+    /// The agent-facing gRPC (TLS) listen address.
+    pub listen: SocketAddr,
+    /// The trust domain this CA signs for.
+    pub trust_domain: TrustDomain,
+    /// Default workload X.509-SVID lifetime (30s..=24h).
+    pub svid_ttl: Duration,
+    /// Agent SVID lifetime (30s..=24h); the CA's own serving SVID uses it too.
+    pub agent_svid_ttl: Duration,
+    /// Default JWT-SVID lifetime (30s..=24h).
+    pub jwt_ttl: Duration,
+    /// The admin unix socket (0600); `D/admin.sock` by default.
+    pub admin_socket: PathBuf,
+    /// The admin HTTP port (`/metrics`, `/ready`, `/live`), if any.
+    pub admin_listen: Option<SocketAddr>,
+    /// An Istio-style `cacerts` directory with an upstream-signed intermediate, if any.
+    pub upstream_ca: Option<PathBuf>,
+    /// Lifetime of a root this CA makes itself.
+    pub root_ttl: Duration,
+    /// Most SVID requests in one `MintX509Svids` call.
+    pub max_batch: usize,
+    /// How long a client may take to finish its TLS handshake.
+    pub handshake_timeout: Duration,
+    /// How long open calls may go on after shutdown starts.
+    pub drain_grace: Duration,
+    /// How often the keystore looks for a rotation made by another replica.
+    pub reload_interval: Duration,
+}
+
+/// Why the configuration is unusable. The CLI prints it on one line and exits 64.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A required setting was given nowhere.
+    #[error("`{setting}` is required: pass `--{flag}`, set `{env}`, or put `{setting}` in the config file", flag = flag_name(setting), env = env_name(setting))]
+    Missing {
+        /// The setting's name (`trust_domain`).
+        setting: &'static str,
+    },
+    /// A setting's value does not parse or is out of range.
+    #[error("invalid `{setting}` `{value}`: {reason}")]
+    Invalid {
+        /// The setting's name.
+        setting: &'static str,
+        /// The value as given.
+        value: String,
+        /// What is wrong and what is accepted.
+        reason: String,
+    },
+    /// The config file could not be read.
+    #[error("cannot read config file `{}`: {source}", path.display())]
+    ReadFile {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML for these settings.
+    #[error("config file `{}` is invalid: {message}", path.display())]
+    ParseFile {
+        /// The file.
+        path: PathBuf,
+        /// What the TOML parser said, on one line.
+        message: String,
+    },
+}
+
+/// Why a human duration (`30s`, `10m`, `1h30m`, `7d`) does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DurationError {
+    /// Nothing was given.
+    #[error("empty duration; use e.g. `30s`, `10m`, `1h`")]
+    Empty,
+    /// A number had no unit after it.
+    #[error("`{0}` has no unit; use `s`, `m`, `h` or `d` (e.g. `{0}s`)")]
+    NoUnit(String),
+    /// A unit other than `ms`, `s`, `m`, `h`, `d`.
+    #[error("unknown unit `{0}`; use `ms`, `s`, `m`, `h` or `d`")]
+    UnknownUnit(String),
+    /// A unit with no number before it, or a stray character.
+    #[error("expected a number at `{0}`")]
+    ExpectedNumber(String),
+    /// The total does not fit.
+    #[error("duration is too long")]
+    Overflow,
+}
+
+/// Raw settings from flags, env or a TOML file; every field optional, nothing validated yet.
+///
+/// In the TOML file the keys are the field names (`trust_domain = "example.org"`, `svid_ttl = "1h"`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaSettings {
+    /// See [`CaConfig::data_dir`].
+    pub data_dir: Option<PathBuf>,
+    /// See [`CaConfig::listen`].
+    pub listen: Option<String>,
+    /// See [`CaConfig::trust_domain`].
+    pub trust_domain: Option<String>,
+    /// See [`CaConfig::svid_ttl`].
+    pub svid_ttl: Option<String>,
+    /// See [`CaConfig::agent_svid_ttl`].
+    pub agent_svid_ttl: Option<String>,
+    /// See [`CaConfig::jwt_ttl`].
+    pub jwt_ttl: Option<String>,
+    /// See [`CaConfig::admin_socket`].
+    pub admin_socket: Option<PathBuf>,
+    /// See [`CaConfig::admin_listen`].
+    pub admin_listen: Option<String>,
+    /// See [`CaConfig::upstream_ca`].
+    pub upstream_ca: Option<PathBuf>,
+    /// See [`CaConfig::root_ttl`].
+    pub root_ttl: Option<String>,
+    /// See [`CaConfig::max_batch`].
+    pub max_batch: Option<usize>,
+    /// See [`CaConfig::handshake_timeout`].
+    pub handshake_timeout: Option<String>,
+    /// See [`CaConfig::drain_grace`].
+    pub drain_grace: Option<String>,
+    /// See [`CaConfig::reload_interval`].
+    pub reload_interval: Option<String>,
+}
+
+impl CaConfig {
+    /// A config with every optional setting at its default (tests use this, then adjust fields).
+    pub fn new(
+        data_dir: impl Into<PathBuf>,
+        listen: SocketAddr,
+        trust_domain: TrustDomain,
+    ) -> Self {
+        let data_dir = data_dir.into();
+        Self {
+            admin_socket: data_dir.join(ADMIN_SOCKET_FILE),
+            data_dir,
+            listen,
+            trust_domain,
+            svid_ttl: DEFAULT_SVID_TTL,
+            agent_svid_ttl: DEFAULT_AGENT_SVID_TTL,
+            jwt_ttl: DEFAULT_JWT_TTL,
+            admin_listen: None,
+            upstream_ca: None,
+            root_ttl: DEFAULT_ROOT_TTL,
+            max_batch: DEFAULT_MAX_BATCH,
+            handshake_timeout: Duration::from_secs(10),
+            drain_grace: Duration::from_secs(5),
+            reload_interval: Duration::from_secs(10),
+        }
+    }
+
+    /// Checks the ranges and relations between settings.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        check_svid_ttl("svid_ttl", self.svid_ttl)?;
+        check_svid_ttl("agent_svid_ttl", self.agent_svid_ttl)?;
+        check_svid_ttl("jwt_ttl", self.jwt_ttl)?;
+        let longest = self.svid_ttl.max(self.agent_svid_ttl).max(self.jwt_ttl);
+        // A root must outlive two SVID lifetimes, or rotation could never publish the next root
+        // before SVIDs signed by this one stop verifying.
+        let min_root = longest.saturating_mul(2);
+        if self.root_ttl < min_root || self.root_ttl > MAX_AUTHORITY_TTL {
+            return Err(invalid(
+                "root_ttl",
+                show(self.root_ttl),
+                format!(
+                    "use at least twice the longest svid ttl (`{}`) and at most 20 years",
+                    show(min_root)
+                ),
+            ));
+        }
+        if self.max_batch == 0 || self.max_batch > MAX_MAX_BATCH {
+            return Err(invalid(
+                "max_batch",
+                self.max_batch.to_string(),
+                format!("use 1 to {MAX_MAX_BATCH}"),
+            ));
+        }
+        for (setting, value) in [
+            ("handshake_timeout", self.handshake_timeout),
+            ("reload_interval", self.reload_interval),
+        ] {
+            if value.is_zero() {
+                return Err(invalid(setting, show(value), "use more than 0s".to_owned()));
+            }
+        }
+        if self.admin_socket.as_os_str().is_empty() {
+            return Err(invalid(
+                "admin_socket",
+                String::new(),
+                "give a socket path".to_owned(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The audit log, `D/audit.jsonl`.
+    pub fn audit_path(&self) -> PathBuf {
+        self.data_dir.join(AUDIT_FILE)
+    }
+}
+
+impl CaSettings {
+    /// Parses a TOML config file's text; `path` is only for the error message.
+    pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::ParseFile {
+            path: path.to_path_buf(),
+            // toml's messages span several lines with a source excerpt; keep one line.
+            message: e.message().to_owned(),
+        })
+    }
+
+    /// Reads and parses a TOML config file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_toml(&text, path)
+    }
+
+    /// These settings, with any gaps filled from `fallback` (e.g. flags over the config file).
+    pub fn or(self, fallback: CaSettings) -> CaSettings {
+        CaSettings {
+            data_dir: self.data_dir.or(fallback.data_dir),
+            listen: self.listen.or(fallback.listen),
+            trust_domain: self.trust_domain.or(fallback.trust_domain),
+            svid_ttl: self.svid_ttl.or(fallback.svid_ttl),
+            agent_svid_ttl: self.agent_svid_ttl.or(fallback.agent_svid_ttl),
+            jwt_ttl: self.jwt_ttl.or(fallback.jwt_ttl),
+            admin_socket: self.admin_socket.or(fallback.admin_socket),
+            admin_listen: self.admin_listen.or(fallback.admin_listen),
+            upstream_ca: self.upstream_ca.or(fallback.upstream_ca),
+            root_ttl: self.root_ttl.or(fallback.root_ttl),
+            max_batch: self.max_batch.or(fallback.max_batch),
+            handshake_timeout: self.handshake_timeout.or(fallback.handshake_timeout),
+            drain_grace: self.drain_grace.or(fallback.drain_grace),
+            reload_interval: self.reload_interval.or(fallback.reload_interval),
+        }
+    }
+
+    /// Parses and validates every setting, applying defaults for the missing optional ones.
+    pub fn into_config(self) -> Result<CaConfig, ConfigError> {
+        let data_dir = self.data_dir.ok_or(ConfigError::Missing {
+            setting: "data_dir",
+        })?;
+        if data_dir.as_os_str().is_empty() {
+            return Err(invalid(
+                "data_dir",
+                String::new(),
+                "give a directory".to_owned(),
+            ));
+        }
+        let listen = parse_addr("listen", self.listen.as_deref())?
+            .ok_or(ConfigError::Missing { setting: "listen" })?;
+        let td_text = self.trust_domain.ok_or(ConfigError::Missing {
+            setting: "trust_domain",
+        })?;
+        let trust_domain = td_text
+            .parse::<TrustDomain>()
+            .map_err(|e| invalid("trust_domain", td_text.clone(), e.to_string()))?;
+
+        let mut config = CaConfig::new(data_dir, listen, trust_domain);
+        let durations: [(&'static str, Option<String>, &mut Duration); 7] = [
+            ("svid_ttl", self.svid_ttl, &mut config.svid_ttl),
+            (
+                "agent_svid_ttl",
+                self.agent_svid_ttl,
+                &mut config.agent_svid_ttl,
+            ),
+            ("jwt_ttl", self.jwt_ttl, &mut config.jwt_ttl),
+            ("root_ttl", self.root_ttl, &mut config.root_ttl),
+            (
+                "handshake_timeout",
+                self.handshake_timeout,
+                &mut config.handshake_timeout,
+            ),
+            ("drain_grace", self.drain_grace, &mut config.drain_grace),
+            (
+                "reload_interval",
+                self.reload_interval,
+                &mut config.reload_interval,
+            ),
+        ];
+        for (setting, text, slot) in durations {
+            if let Some(text) = text {
+                *slot = parse_duration(&text)
+                    .map_err(|e| invalid(setting, text.clone(), e.to_string()))?;
+            }
+        }
+        if let Some(socket) = self.admin_socket {
+            config.admin_socket = socket;
+        }
+        config.admin_listen = parse_addr("admin_listen", self.admin_listen.as_deref())?;
+        if let Some(dir) = self.upstream_ca {
+            if !dir.is_dir() {
+                return Err(invalid(
+                    "upstream_ca",
+                    dir.display().to_string(),
+                    "not a directory; give the `cacerts` directory holding ca-cert.pem, ca-key.pem and root-cert.pem".to_owned(),
+                ));
+            }
+            config.upstream_ca = Some(dir);
+        }
+        if let Some(max_batch) = self.max_batch {
+            config.max_batch = max_batch;
+        }
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+/// Parses a human duration: one or more `<number><unit>` parts, units `ms`, `s`, `m`, `h`, `d`
+/// (`30s`, `10m`, `1h30m`, `7d`).
+pub fn parse_duration(text: &str) -> Result<Duration, DurationError> {
+    let text = text.trim();
+    if text.is_empty() {
+        return Err(DurationError::Empty);
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = text;
+    while !rest.is_empty() {
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        let (number, after) = rest.split_at(digits);
+        if number.is_empty() {
+            return Err(DurationError::ExpectedNumber(rest.to_owned()));
+        }
+        let letters = after.bytes().take_while(u8::is_ascii_alphabetic).count();
+        let (unit, next) = after.split_at(letters);
+        let value: u64 = number.parse().map_err(|_| DurationError::Overflow)?;
+        let unit_len = match unit {
+            "" => return Err(DurationError::NoUnit(number.to_owned())),
+            "ms" => Duration::from_millis(1),
+            "s" => Duration::from_secs(1),
+            "m" => Duration::from_secs(60),
+            "h" => Duration::from_secs(60 * 60),
+            "d" => Duration::from_secs(24 * 60 * 60),
+            other => return Err(DurationError::UnknownUnit(other.to_owned())),
+        };
+        let part = unit_len
+            .checked_mul(u32::try_from(value).map_err(|_| DurationError::Overflow)?)
+            .ok_or(DurationError::Overflow)?;
+        total = total.checked_add(part).ok_or(DurationError::Overflow)?;
+        rest = next;
+    }
+    Ok(total)
+}
+
+/// Shows a duration the way [`parse_duration`] reads it (`90s` -> `1m30s`).
+pub fn format_duration(d: Duration) -> String {
+    Shown(d).to_string()
+}
+
+struct Shown(Duration);
+
+impl fmt::Display for Shown {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut secs = self.0.as_secs();
+        let millis = self.0.subsec_millis();
+        if secs == 0 {
+            return write!(f, "{millis}ms");
+        }
+        for (unit, len) in [("d", 86_400), ("h", 3_600), ("m", 60), ("s", 1)] {
+            if secs >= len {
+                write!(f, "{}{unit}", secs / len)?;
+                secs %= len;
+            }
+        }
+        if millis > 0 {
+            write!(f, "{millis}ms")?;
+        }
+        Ok(())
+    }
+}
+
+fn show(d: Duration) -> String {
+    format_duration(d)
+}
+
+fn check_svid_ttl(setting: &'static str, ttl: Duration) -> Result<(), ConfigError> {
+    if ttl < MIN_SVID_TTL || ttl > MAX_SVID_TTL {
+        return Err(invalid(setting, show(ttl), "use 30s to 24h".to_owned()));
+    }
+    Ok(())
+}
+
+fn parse_addr(
+    setting: &'static str,
+    text: Option<&str>,
+) -> Result<Option<SocketAddr>, ConfigError> {
+    text.map(|text| {
+        text.parse::<SocketAddr>().map_err(|_| {
+            invalid(
+                setting,
+                text.to_owned(),
+                "use IP:PORT, e.g. `0.0.0.0:8081` or `[::1]:8081`".to_owned(),
+            )
+        })
+    })
+    .transpose()
+}
+
+fn invalid(setting: &'static str, value: String, reason: String) -> ConfigError {
+    ConfigError::Invalid {
+        setting,
+        value,
+        reason,
+    }
+}
+
+fn flag_name(setting: &str) -> String {
+    setting.replace('_', "-")
+}
+
+fn env_name(setting: &str) -> String {
+    format!("MESHWARD_CA_{}", setting.to_ascii_uppercase())
+}
+
+#[cfg(test)]
+mod tests;
