@@ -46,10 +46,24 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// The node agent: attests workloads and serves them identities on a unix socket.
+    Agent(cmd::agent::AgentArgs),
     /// Check and read audit files.
     Audit(cmd::audit::AuditArgs),
     /// The certificate authority: run it, and manage tokens, entries, agents and roots.
     Ca(cmd::ca::CaArgs),
+    /// Exit non-zero, naming each, when a root, intermediate or SVID expires within a window.
+    Check(cmd::check::CheckArgs),
+    /// The whole mesh on 127.0.0.1: CA, agent, proxies, traffic, rotation and audit, live.
+    Demo(cmd::demo::DemoArgs),
+    /// Add the meshward proxy, as a native sidecar, to every pod template of a manifest.
+    Inject(cmd::inject::InjectArgs),
+    /// Validate policy sets, check a request against one, and diff two.
+    Policy(cmd::policy::PolicyArgs),
+    /// The sidecar: mTLS in and out, Cedar authorization on every call, audit.
+    Proxy(cmd::proxy::ProxyArgs),
+    /// Fetch this process's SVIDs from the agent's Workload API (and write them to files).
+    Svid(cmd::svid::SvidArgs),
 }
 
 /// How log lines look.
@@ -71,8 +85,15 @@ fn main() -> ExitCode {
         return ExitCode::from(EX_USAGE);
     }
     let outcome = match cli.command {
+        Command::Agent(args) => cmd::agent::run(args),
         Command::Audit(args) => cmd::audit::run(args),
         Command::Ca(args) => cmd::ca::run(args),
+        Command::Check(args) => cmd::check::run(args),
+        Command::Demo(args) => cmd::demo::run(args),
+        Command::Inject(args) => cmd::inject::run(args),
+        Command::Policy(args) => cmd::policy::run(args),
+        Command::Proxy(args) => cmd::proxy::run(args),
+        Command::Svid(args) => cmd::svid::run(args),
     };
     match outcome {
         Ok(code) => code,

@@ -49,6 +49,9 @@ pub struct CaConfig {
     pub jwt_ttl: Duration,
     /// The admin unix socket (0600); `D/admin.sock` by default.
     pub admin_socket: PathBuf,
+    /// The audit log; `D/audit.jsonl` by default. An audit file has one writer, so CA replicas
+    /// sharing a data dir each need their own.
+    pub audit_file: PathBuf,
     /// The admin HTTP port (`/metrics`, `/ready`, `/live`), if any.
     pub admin_listen: Option<SocketAddr>,
     /// An Istio-style `cacerts` directory with an upstream-signed intermediate, if any.
@@ -63,6 +66,8 @@ pub struct CaConfig {
     pub drain_grace: Duration,
     /// How often the keystore looks for a rotation made by another replica.
     pub reload_interval: Duration,
+    /// Kubernetes mode (`--k8s`): PSAT attestation and pod-based entitlement.
+    pub k8s: Option<crate::k8s::K8sConfig>,
 }
 
 /// Why the configuration is unusable. The CLI prints it on one line and exits 64.
@@ -142,6 +147,8 @@ pub struct CaSettings {
     pub jwt_ttl: Option<String>,
     /// See [`CaConfig::admin_socket`].
     pub admin_socket: Option<PathBuf>,
+    /// See [`CaConfig::audit_file`].
+    pub audit_file: Option<PathBuf>,
     /// See [`CaConfig::admin_listen`].
     pub admin_listen: Option<String>,
     /// See [`CaConfig::upstream_ca`].
@@ -156,6 +163,16 @@ pub struct CaSettings {
     pub drain_grace: Option<String>,
     /// See [`CaConfig::reload_interval`].
     pub reload_interval: Option<String>,
+    /// Kubernetes mode (see [`CaConfig::k8s`]).
+    pub k8s: Option<bool>,
+    /// See [`crate::k8s::K8sConfig::kubeconfig`].
+    pub kubeconfig: Option<PathBuf>,
+    /// See [`crate::k8s::K8sConfig::namespace`].
+    pub namespace: Option<String>,
+    /// See [`crate::k8s::K8sConfig::cluster`].
+    pub cluster: Option<String>,
+    /// See [`crate::k8s::K8sConfig::agent_sa`] (`namespace:name`).
+    pub agent_sa: Option<String>,
 }
 
 impl CaConfig {
@@ -168,6 +185,7 @@ impl CaConfig {
         let data_dir = data_dir.into();
         Self {
             admin_socket: data_dir.join(ADMIN_SOCKET_FILE),
+            audit_file: data_dir.join(AUDIT_FILE),
             data_dir,
             listen,
             trust_domain,
@@ -181,6 +199,7 @@ impl CaConfig {
             handshake_timeout: Duration::from_secs(10),
             drain_grace: Duration::from_secs(5),
             reload_interval: Duration::from_secs(10),
+            k8s: None,
         }
     }
 
@@ -225,12 +244,19 @@ impl CaConfig {
                 "give a socket path".to_owned(),
             ));
         }
+        if self.audit_file.as_os_str().is_empty() {
+            return Err(invalid(
+                "audit_file",
+                String::new(),
+                "give a file path".to_owned(),
+            ));
+        }
         Ok(())
     }
 
-    /// The audit log, `D/audit.jsonl`.
+    /// The audit log: [`CaConfig::audit_file`] (`D/audit.jsonl` unless set).
     pub fn audit_path(&self) -> PathBuf {
-        self.data_dir.join(AUDIT_FILE)
+        self.audit_file.clone()
     }
 }
 
@@ -263,6 +289,7 @@ impl CaSettings {
             agent_svid_ttl: self.agent_svid_ttl.or(fallback.agent_svid_ttl),
             jwt_ttl: self.jwt_ttl.or(fallback.jwt_ttl),
             admin_socket: self.admin_socket.or(fallback.admin_socket),
+            audit_file: self.audit_file.or(fallback.audit_file),
             admin_listen: self.admin_listen.or(fallback.admin_listen),
             upstream_ca: self.upstream_ca.or(fallback.upstream_ca),
             root_ttl: self.root_ttl.or(fallback.root_ttl),
@@ -270,6 +297,11 @@ impl CaSettings {
             handshake_timeout: self.handshake_timeout.or(fallback.handshake_timeout),
             drain_grace: self.drain_grace.or(fallback.drain_grace),
             reload_interval: self.reload_interval.or(fallback.reload_interval),
+            k8s: self.k8s.or(fallback.k8s),
+            kubeconfig: self.kubeconfig.or(fallback.kubeconfig),
+            namespace: self.namespace.or(fallback.namespace),
+            cluster: self.cluster.or(fallback.cluster),
+            agent_sa: self.agent_sa.or(fallback.agent_sa),
         }
     }
 
@@ -325,6 +357,9 @@ impl CaSettings {
         if let Some(socket) = self.admin_socket {
             config.admin_socket = socket;
         }
+        if let Some(file) = self.audit_file {
+            config.audit_file = file;
+        }
         config.admin_listen = parse_addr("admin_listen", self.admin_listen.as_deref())?;
         if let Some(dir) = self.upstream_ca {
             if !dir.is_dir() {
@@ -339,6 +374,13 @@ impl CaSettings {
         if let Some(max_batch) = self.max_batch {
             config.max_batch = max_batch;
         }
+        config.k8s = k8s_config(
+            self.k8s.unwrap_or(false),
+            self.kubeconfig,
+            self.namespace,
+            self.cluster,
+            self.agent_sa,
+        )?;
         config.validate()?;
         Ok(config)
     }
@@ -452,3 +494,54 @@ fn env_name(setting: &str) -> String {
 
 #[cfg(test)]
 mod tests;
+
+/// The Kubernetes settings, only with `k8s = true` (a stray one is a mistake worth saying).
+fn k8s_config(
+    on: bool,
+    kubeconfig: Option<PathBuf>,
+    namespace: Option<String>,
+    cluster: Option<String>,
+    agent_sa: Option<String>,
+) -> Result<Option<crate::k8s::K8sConfig>, ConfigError> {
+    if !on {
+        let stray = [
+            ("kubeconfig", kubeconfig.map(|p| p.display().to_string())),
+            ("namespace", namespace),
+            ("cluster", cluster),
+            ("agent_sa", agent_sa),
+        ];
+        return match stray.into_iter().find_map(|(k, v)| v.map(|v| (k, v))) {
+            Some((setting, value)) => Err(invalid(
+                setting,
+                value,
+                "only used in kubernetes mode; add `--k8s`".to_owned(),
+            )),
+            None => Ok(None),
+        };
+    }
+    let mut k8s = crate::k8s::K8sConfig::new(kubeconfig).map_err(|e| {
+        invalid(
+            "agent_sa",
+            crate::k8s::DEFAULT_AGENT_SA.to_owned(),
+            e.to_string(),
+        )
+    })?;
+    if let Some(namespace) = namespace {
+        k8s.namespace = namespace;
+    }
+    if let Some(cluster) = cluster {
+        k8s.cluster = cluster;
+    }
+    if let Some(text) = agent_sa {
+        k8s.agent_sa = text
+            .parse()
+            .map_err(|e: crate::k8s::K8sError| invalid("agent_sa", text.clone(), e.to_string()))?;
+    }
+    k8s.validate().map_err(|e| match &e {
+        crate::k8s::K8sError::BadName(name, _) if *name == k8s.namespace => {
+            invalid("namespace", name.clone(), e.to_string())
+        }
+        _ => invalid("cluster", k8s.cluster.clone(), e.to_string()),
+    })?;
+    Ok(Some(k8s))
+}

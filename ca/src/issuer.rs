@@ -34,6 +34,7 @@ use meshward_identity::{SpiffeId, TrustDomain};
 use rustls_pki_types::CertificateDer;
 
 use crate::datastore::{Admission, AgentError, Datastore, Entry, Issued, NewAgent, TokenError};
+use crate::k8s::NodePods;
 use crate::keystore::{Keystore, SigningState};
 pub use error::IssueError;
 use error::{agent_error, internal, same_error};
@@ -246,6 +247,54 @@ impl Issuer {
         Ok(issued(signed))
     }
 
+    /// Kubernetes node attestation, after [`crate::k8s::Cluster::attest_psat`] verified the agent's
+    /// token and found its pod on `node`: signs the agent SVID
+    /// (`spiffe://<td>/meshward/agent/k8s_psat/<cluster>/<node>`) for the key in `csr`.
+    pub fn attest_k8s_psat(
+        &self,
+        cluster: &str,
+        node: &str,
+        csr: &[u8],
+        now: SystemTime,
+    ) -> Result<IssuedSvid, IssueError> {
+        let inner = &*self.inner;
+        let state = inner.keystore.current();
+        let id = crate::k8s::agent_id(&state.trust_domain, cluster, node)
+            .map_err(|e| internal("build the agent spiffe id", e))?;
+        let refuse = |error: IssueError| {
+            inner.audit(
+                Outcome::refused("", id.as_str(), SvidKind::Agent, None, &error),
+                now,
+            );
+            error
+        };
+        let csr = verify_csr(csr).map_err(|e| refuse(e.into()))?;
+        csr.check_for(&id).map_err(|e| refuse(e.into()))?;
+        let signed = sign(&state, &csr, &id, inner.config.agent_svid_ttl, now).map_err(&refuse)?;
+        let new_agent = NewAgent {
+            spiffe_id: id.clone(),
+            admission: Admission::K8sPsat {
+                node: node.to_owned(),
+            },
+            serial: signed.serial.clone(),
+            expires_at: signed.not_after,
+        };
+        match inner.datastore.record_attested_agent(&new_agent, now) {
+            Ok(_) => {}
+            Err(AgentError::Evicted { .. }) => {
+                return Err(refuse(IssueError::AgentEvicted { id: id.to_string() }));
+            }
+            Err(e) => return Err(internal("record an attested agent", e)),
+        }
+        inner.journal_agent_svid(&state, &signed, node, now)?;
+        inner.audit_checked(
+            Outcome::issued(id.as_str(), &signed, SvidKind::Agent, None),
+            now,
+        )?;
+        tracing::info!(agent = %id, node, serial = %signed.serial, "agent attested with a kubernetes psat");
+        Ok(issued(signed))
+    }
+
     /// Checks the caller of an mTLS call: `peer` (from its verified certificate) must be an agent ID of
     /// this trust domain, known, not evicted, presenting its current SVID (`serial`), and not expired.
     pub fn authorize_agent(
@@ -327,6 +376,20 @@ impl Issuer {
         requests: &[SvidRequest],
         now: SystemTime,
     ) -> Vec<Result<IssuedSvid, IssueError>> {
+        self.mint_x509_with_pods(agent, requests, None, now)
+    }
+
+    /// [`Self::mint_x509`] for a Kubernetes-attested agent: besides entries, `spiffe://<td>/ns/<ns>/sa/<sa>`
+    /// is entitled while `pods` (listed from the cluster for the agent's node just now) holds a running
+    /// pod of that service account — the one named by a request's `pod_uid`, if set. Pods listed for
+    /// another node than the agent's entitle nothing.
+    pub fn mint_x509_with_pods(
+        &self,
+        agent: &AgentIdentity,
+        requests: &[SvidRequest],
+        pods: Option<&NodePods>,
+        now: SystemTime,
+    ) -> Vec<Result<IssuedSvid, IssueError>> {
         let inner = &*self.inner;
         let max = inner.config.max_batch;
         if requests.len() > max {
@@ -380,7 +443,7 @@ impl Issuer {
         let mut results: Vec<Result<IssuedSvid, IssueError>> = Vec::with_capacity(requests.len());
         let mut journal: Vec<Issued> = Vec::with_capacity(requests.len());
         for req in requests {
-            match inner.mint_one(&state, &agent, &entitlements, req, now) {
+            match inner.mint_one(&state, &agent, &entitlements, pods, req, now) {
                 Ok(signed) => {
                     journal.push(Issued {
                         serial: signed.serial.clone(),
@@ -451,6 +514,20 @@ impl Issuer {
         ttl: Option<Duration>,
         now: SystemTime,
     ) -> Result<(String, SystemTime), IssueError> {
+        self.mint_jwt_with_pods(agent, spiffe_id, audience, ttl, None, now)
+    }
+
+    /// [`Self::mint_jwt`] for a Kubernetes-attested agent, entitled by `pods` as in
+    /// [`Self::mint_x509_with_pods`].
+    pub fn mint_jwt_with_pods(
+        &self,
+        agent: &AgentIdentity,
+        spiffe_id: &str,
+        audience: &[String],
+        ttl: Option<Duration>,
+        pods: Option<&NodePods>,
+        now: SystemTime,
+    ) -> Result<(String, SystemTime), IssueError> {
         let inner = &*self.inner;
         let state = inner.keystore.current();
         let principal = agent.spiffe_id.as_str();
@@ -468,7 +545,8 @@ impl Issuer {
         let entitled = inner
             .datastore
             .is_entitled(&agent.node, &id)
-            .map_err(|e| refuse(internal("check an entitlement", e)))?;
+            .map_err(|e| refuse(internal("check an entitlement", e)))?
+            || pods_entitle(pods, &agent, &id, None);
         if !entitled {
             return Err(refuse(IssueError::NotEntitled {
                 id: id.to_string(),
@@ -546,15 +624,20 @@ impl Inner {
         state: &SigningState,
         agent: &AgentIdentity,
         entitlements: &Entitlements,
+        pods: Option<&NodePods>,
         req: &SvidRequest,
         now: SystemTime,
     ) -> Result<SignedSvid, IssueError> {
         let id = workload_id(&state.trust_domain, &req.spiffe_id)?;
-        let Some(entry_ttl) = entitlements.get(&id) else {
-            return Err(IssueError::NotEntitled {
-                id: id.to_string(),
-                node: agent.node.clone(),
-            });
+        let entry_ttl = match entitlements.get(&id) {
+            Some(entry_ttl) => entry_ttl,
+            None if pods_entitle(pods, agent, &id, req.pod_uid.as_deref()) => None,
+            None => {
+                return Err(IssueError::NotEntitled {
+                    id: id.to_string(),
+                    node: agent.node.clone(),
+                });
+            }
         };
         let ttl = check_ttl(req.ttl.or(entry_ttl).unwrap_or(self.config.svid_ttl))?;
         let csr = verify_csr(&req.csr)?;
@@ -683,6 +766,16 @@ fn workload_id(td: &TrustDomain, requested: &str) -> Result<SpiffeId, IssueError
 fn agent_id(td: &TrustDomain, node: &str) -> Result<SpiffeId, IssueError> {
     td.workload_id(&[RESERVED_SEGMENT, "agent", "join", node])
         .map_err(|e| internal("build the agent spiffe id", e))
+}
+
+/// Whether the cluster's running pods entitle `id` on `agent`'s node (only pods of that very node count).
+fn pods_entitle(
+    pods: Option<&NodePods>,
+    agent: &AgentIdentity,
+    id: &SpiffeId,
+    pod_uid: Option<&str>,
+) -> bool {
+    pods.is_some_and(|pods| pods.node() == agent.node && pods.entitles(id, pod_uid))
 }
 
 fn check_ttl(ttl: Duration) -> Result<Duration, IssueError> {

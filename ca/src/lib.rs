@@ -1,8 +1,8 @@
 //! meshward-ca: the mesh certificate authority.
 //!
-//! It attests node agents (join tokens; Kubernetes PSATs later), then signs workload SVIDs for them, but
-//! only for identities an entry entitles on the agent's node: a compromised node can mint only what runs
-//! on it.
+//! It attests node agents (join tokens, or Kubernetes PSATs with `--k8s`), then signs workload SVIDs
+//! for them, but only for identities an entry (or, in Kubernetes, a running pod) entitles on the
+//! agent's node: a compromised node can mint only what runs on it.
 //!
 //! - Trusts: its own keys (`D/keys/`, 0600), its SQLite state (`D/ca.sqlite3`), and nothing a peer sends
 //!   until it is checked: join tokens are single use, CSRs are verified and their extensions ignored, and
@@ -18,6 +18,7 @@ pub mod config;
 pub mod datastore;
 pub mod http;
 pub mod issuer;
+pub mod k8s;
 pub mod keystore;
 pub mod metrics;
 pub mod server;

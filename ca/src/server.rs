@@ -85,6 +85,9 @@ pub enum ServeError {
         /// The cause.
         source: tonic::transport::Error,
     },
+    /// Kubernetes mode could not be set up (kubeconfig, in-cluster config, names).
+    #[error("kubernetes mode: {0}")]
+    K8s(#[from] crate::k8s::K8sError),
     /// A critical task ended before shutdown.
     #[error("the `{0}` task stopped unexpectedly")]
     TaskExited(&'static str),
@@ -180,13 +183,24 @@ pub async fn start(config: CaConfig, shutdown: CancellationToken) -> Result<Runn
             ("accept", Ok(()))
         }
     });
-    let service = CaService::new(
+    let mut service = CaService::new(
         issuer,
         keystore.clone(),
         metrics.clone(),
         config.max_batch,
         stop.clone(),
     );
+    if let Some(k8s) = &config.k8s {
+        let cluster = k8s.connect().await?;
+        tracing::info!(cluster = cluster.name(), agent_sa = %cluster.agent_sa(), "kubernetes mode: psat attestation and pod entitlement on");
+        // Publishing the bundle is best effort (retried); agents get it from the CA itself anyway.
+        tokio::spawn(cluster.clone().publish_bundles(
+            k8s.namespace.clone(),
+            keystore.subscribe(),
+            stop.clone(),
+        ));
+        service = service.with_cluster(cluster);
+    }
     tasks.spawn({
         let stop = stop.clone();
         let incoming = ReceiverStream::new(conn_rx).map(Ok::<_, std::convert::Infallible>);

@@ -19,6 +19,7 @@ use tonic::{Request, Response, Status};
 
 use crate::datastore;
 use crate::issuer::{AgentIdentity, IssueError, IssuedSvid, Issuer, SvidRequest};
+use crate::k8s::{Cluster, K8sError, NodePods};
 use crate::keystore::{Keystore, SigningState};
 use crate::metrics::CaMetrics;
 use crate::server::tls::{PeerInfo, VerifiedPeer};
@@ -34,6 +35,7 @@ pub struct CaService {
     metrics: CaMetrics,
     max_batch: usize,
     shutdown: CancellationToken,
+    cluster: Option<Cluster>,
 }
 
 /// The stream `WatchBundle` answers with.
@@ -55,7 +57,65 @@ impl CaService {
             metrics,
             max_batch,
             shutdown,
+            cluster: None,
         }
+    }
+
+    /// Kubernetes mode: `K8sPsat` attestations are verified against `cluster`, and its agents are
+    /// entitled by the pods running on their node.
+    pub fn with_cluster(mut self, cluster: Cluster) -> Self {
+        self.cluster = Some(cluster);
+        self
+    }
+
+    /// The running pods of a Kubernetes-attested agent's node, listed now; `None` for other agents.
+    /// An apiserver failure fails the call (closed) rather than minting from entries alone, so an
+    /// agent retries instead of caching a refusal.
+    async fn node_pods(&self, agent: &AgentIdentity) -> Result<Option<NodePods>, Status> {
+        let Some(cluster) = self
+            .cluster
+            .as_ref()
+            .filter(|_| crate::k8s::is_k8s_agent(&agent.spiffe_id))
+        else {
+            return Ok(None);
+        };
+        match cluster.node_pods(&agent.node).await {
+            Ok(pods) => Ok(Some(pods)),
+            Err(e) => {
+                tracing::warn!(agent = %agent.spiffe_id, error = %e, "could not list the node's pods");
+                Err(Status::unavailable(
+                    "the ca could not read the cluster's pods; retry shortly",
+                ))
+            }
+        }
+    }
+
+    /// `Attest` with a Kubernetes PSAT: TokenReview and pod checks, then the agent SVID.
+    async fn attest_psat(&self, token: String, csr: Vec<u8>) -> Result<IssuedSvid, Status> {
+        let Some(cluster) = self.cluster.clone() else {
+            self.metrics.attestation("unsupported");
+            return Err(Status::failed_precondition(
+                "kubernetes psat attestation is not enabled on this ca (start it with `--k8s`); attest with a join token",
+            ));
+        };
+        let attested = match cluster.attest_psat(&token).await {
+            Ok(attested) => attested,
+            Err(e) => {
+                self.metrics.attestation(e.code());
+                return Err(k8s_status(&e));
+            }
+        };
+        let issuer = self.issuer.clone();
+        let started = Instant::now();
+        let issued = blocking(move || {
+            issuer.attest_k8s_psat(cluster.name(), &attested.node, &csr, SystemTime::now())
+        })
+        .await?;
+        self.metrics.signing_took(started.elapsed());
+        issued.map_err(|e| {
+            self.metrics.attestation(e.code());
+            status(&e, "Attest")
+        })
     }
 
     /// The calling agent, authorized from its verified client certificate.
@@ -83,11 +143,15 @@ impl Ca for CaService {
         let pb::AttestRequest { attestation, csr } = request.into_inner();
         let token = match attestation {
             Some(pb::attest_request::Attestation::JoinToken(join)) => join.token,
-            Some(pb::attest_request::Attestation::K8sPsat(_)) => {
-                self.metrics.attestation("unsupported");
-                return Err(Status::failed_precondition(
-                    "kubernetes psat attestation is not enabled on this ca; attest with a join token",
-                ));
+            Some(pb::attest_request::Attestation::K8sPsat(psat)) => {
+                let svid = self.attest_psat(psat.token, csr).await?;
+                self.metrics.attestation("ok");
+                self.metrics.issued(1);
+                tracing::info!(agent = %svid.spiffe_id, serial = %svid.serial, ?remote, "agent attested");
+                return Ok(Response::new(pb::AttestResponse {
+                    svid: Some(svid_to_proto(&svid)),
+                    bundle: Some(bundle_to_proto(&self.keystore.current())),
+                }));
             }
             None => {
                 self.metrics.attestation("malformed");
@@ -171,10 +235,13 @@ impl Ca for CaService {
                 })
             })
             .collect::<Result<Vec<_>, Status>>()?;
+        let pods = self.node_pods(&agent).await?;
         let issuer = self.issuer.clone();
         let started = Instant::now();
-        let results =
-            blocking(move || issuer.mint_x509(&agent, &requests, SystemTime::now())).await?;
+        let results = blocking(move || {
+            issuer.mint_x509_with_pods(&agent, &requests, pods.as_ref(), SystemTime::now())
+        })
+        .await?;
         self.metrics.signing_took(started.elapsed());
         let mut issued = 0;
         let results = results
@@ -207,10 +274,18 @@ impl Ca for CaService {
         let agent = self.agent(&request, CALL).await?;
         let r = request.into_inner();
         let ttl = ttl_from_proto(r.ttl_seconds).map_err(Status::invalid_argument)?;
+        let pods = self.node_pods(&agent).await?;
         let issuer = self.issuer.clone();
         let started = Instant::now();
         let minted = blocking(move || {
-            issuer.mint_jwt(&agent, &r.spiffe_id, &r.audience, ttl, SystemTime::now())
+            issuer.mint_jwt_with_pods(
+                &agent,
+                &r.spiffe_id,
+                &r.audience,
+                ttl,
+                pods.as_ref(),
+                SystemTime::now(),
+            )
         })
         .await?;
         self.metrics.signing_took(started.elapsed());
@@ -320,6 +395,21 @@ pub fn status(err: &IssueError, call: &'static str) -> Status {
             tracing::warn!(call, error = %err, "internal error while issuing");
             Status::internal("internal error; the ca log has the details")
         }
+    }
+}
+
+/// A Kubernetes attestation failure as a gRPC status: the cluster's verdict on the token is
+/// `PermissionDenied` (detail in the log), a failure to ask it is `Unavailable` (retry).
+pub fn k8s_status(err: &K8sError) -> Status {
+    if err.is_refusal() {
+        tracing::info!(reason = err.code(), error = %err, "kubernetes attestation refused");
+        Status::permission_denied(format!(
+            "kubernetes attestation refused: {}; the ca log has the details",
+            err.code()
+        ))
+    } else {
+        tracing::warn!(error = %err, "kubernetes attestation could not be checked");
+        Status::unavailable("the ca could not check the token with the cluster; retry shortly")
     }
 }
 

@@ -1,4 +1,7 @@
-//! `meshward audit`: check audit files written by the CA and the proxies.
+//! `meshward audit`: check and read audit files written by the CA and the proxies.
+
+pub mod query;
+pub mod summary;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -7,7 +10,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use meshward_identity::audit::{
-    Anchor, AuditVerifyError, ChainHash, VerifyReport, verify_file_anchored,
+    Anchor, AuditReadError, AuditVerifyError, ChainHash, VerifyReport, verify_file_anchored,
 };
 use serde_json::json;
 use tracing::debug;
@@ -29,6 +32,10 @@ enum AuditCommand {
     /// from the end leave a valid shorter chain: keep the head and count printed by an earlier run
     /// somewhere else, and pass them as --expect-head / --expect-records to catch that too.
     Verify(VerifyArgs),
+    /// Print the records that match: by outcome, kind, principal, resource, time.
+    Query(query::QueryArgs),
+    /// Who called whom, counts by decision and by deciding policy, and issuance counts.
+    Summary(summary::SummaryArgs),
 }
 
 #[derive(Debug, Args)]
@@ -51,6 +58,17 @@ struct VerifyArgs {
 pub fn run(args: AuditArgs) -> anyhow::Result<ExitCode> {
     match args.command {
         AuditCommand::Verify(args) => verify(&args),
+        AuditCommand::Query(args) => query::run(&args),
+        AuditCommand::Summary(args) => summary::run(&args),
+    }
+}
+
+/// Reports a file that cannot be read (66 when it cannot be opened, 74 when reading fails).
+fn read_failure(e: &AuditReadError) -> ExitCode {
+    eprintln!("meshward: {e}");
+    match e {
+        AuditReadError::Open { .. } => ExitCode::from(EX_NOINPUT),
+        _ => ExitCode::from(EX_IOERR),
     }
 }
 

@@ -102,6 +102,9 @@ struct RunArgs {
     /// Admin unix socket (default `D/admin.sock`).
     #[arg(long, env = "MESHWARD_CA_ADMIN_SOCKET", value_name = "PATH")]
     admin_socket: Option<PathBuf>,
+    /// Audit log (default `D/audit.jsonl`); replicas sharing a data dir each need their own.
+    #[arg(long, env = "MESHWARD_CA_AUDIT_FILE", value_name = "PATH")]
+    audit_file: Option<PathBuf>,
     /// Admin HTTP address for `/metrics`, `/ready`, `/live` (off by default).
     #[arg(long, env = "MESHWARD_CA_ADMIN_LISTEN", value_name = "ADDR")]
     admin_listen: Option<String>,
@@ -114,6 +117,22 @@ struct RunArgs {
     /// Most SVID requests in one batch (default 1000).
     #[arg(long, env = "MESHWARD_CA_MAX_BATCH", value_name = "N")]
     max_batch: Option<usize>,
+    /// Kubernetes mode: agents attest with projected service-account tokens (TokenReview), and
+    /// `ns/<ns>/sa/<sa>` is entitled by the pods running on the agent's node.
+    #[arg(long, env = "MESHWARD_CA_K8S")]
+    k8s: bool,
+    /// Kubeconfig for `--k8s` (default: the in-cluster config).
+    #[arg(long, env = "MESHWARD_CA_KUBECONFIG", value_name = "FILE")]
+    kubeconfig: Option<PathBuf>,
+    /// The namespace of the CA's own objects for `--k8s` (default `meshward`).
+    #[arg(long, env = "MESHWARD_CA_NAMESPACE", value_name = "NS")]
+    namespace: Option<String>,
+    /// The cluster name in agent IDs for `--k8s` (default `cluster`).
+    #[arg(long, env = "MESHWARD_CA_CLUSTER", value_name = "NAME")]
+    cluster: Option<String>,
+    /// The agents' service account for `--k8s` (default `meshward:meshward-agent`).
+    #[arg(long, env = "MESHWARD_CA_AGENT_SA", value_name = "NS:SA")]
+    agent_sa: Option<String>,
 }
 
 /// Where the running CA's admin socket is.
@@ -282,10 +301,17 @@ fn run_ca(args: RunArgs) -> Result<(), CaCliError> {
         agent_svid_ttl: args.agent_svid_ttl,
         jwt_ttl: args.jwt_ttl,
         admin_socket: args.admin_socket,
+        audit_file: args.audit_file,
         admin_listen: args.admin_listen,
         upstream_ca: args.upstream_ca,
         root_ttl: args.root_ttl,
         max_batch: args.max_batch,
+        // A bare `--k8s` switch: absent means "not on the command line", so the file may turn it on.
+        k8s: args.k8s.then_some(true),
+        kubeconfig: args.kubeconfig,
+        namespace: args.namespace,
+        cluster: args.cluster,
+        agent_sa: args.agent_sa,
         ..CaSettings::default()
     };
     let file = match &args.config {

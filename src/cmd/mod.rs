@@ -1,7 +1,14 @@
 //! The subcommands, one module per part; each turns its typed arguments into an exit code.
 
+pub mod agent;
 pub mod audit;
 pub mod ca;
+pub mod check;
+pub mod demo;
+pub mod inject;
+pub mod policy;
+pub mod proxy;
+pub mod svid;
 
 use clap::ValueEnum;
 

@@ -184,6 +184,11 @@ pub async fn accept_loop(
                 }
             },
         };
+        // gRPC writes a response as headers, data and trailers: with Nagle on, the trailers wait for
+        // the client's delayed ACK (~40 ms per call). A failure only costs latency.
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(%remote, error = %e, "cannot set TCP_NODELAY");
+        }
         let acceptor = TlsAcceptor::from(Arc::clone(&*configs.borrow()));
         let out = out.clone();
         let shutdown = shutdown.clone();

@@ -1,0 +1,166 @@
+//! A sidecar pair over real sockets: the app's outbound proxy, mTLS, the callee's inbound proxy;
+//! and plain TCP listeners both ways.
+
+// A test crate: its helpers are not `#[test]` functions, so clippy's in-test allowances miss them.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::*;
+use meshward_proxy::config::{InboundListener, OutboundListener, Protocol};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+fn outbound(
+    upstream: std::net::SocketAddr,
+    expected: &str,
+    protocol: Protocol,
+) -> OutboundListener {
+    OutboundListener {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        upstream: upstream.to_string(),
+        expected: expected.parse().unwrap(),
+        protocol,
+    }
+}
+
+#[tokio::test]
+async fn a_call_through_a_sidecar_pair_is_decided_and_a_wrong_upstream_identity_is_refused() {
+    let server = Harness::http().await;
+    let upstream = server.inbound();
+    let client = Harness::with_identity(Arc::clone(&server.pki), WEB, |config, _| {
+        config.inbound.clear();
+        config
+            .outbound
+            .push(outbound(upstream, API, Protocol::Http));
+        config.outbound.push(outbound(
+            upstream,
+            "spiffe://a.org/ns/shop/sa/other",
+            Protocol::Http,
+        ));
+    })
+    .await;
+
+    for path in ["/api/one", "/api/two"] {
+        let response = plain_get(client.outbound(0), path).await;
+        assert_eq!(status(&response), 200, "{response}");
+        assert!(response.ends_with(&format!("app saw {path}")), "{response}");
+    }
+    let denied = plain_get(client.outbound(0), "/admin").await;
+    assert_eq!(status(&denied), 403, "{denied}");
+    let seen = server.app.seen();
+    assert_eq!(seen.len(), 2);
+    let xfcc = seen[0].headers["x-forwarded-client-cert"].to_str().unwrap();
+    assert!(xfcc.ends_with(&format!("URI={WEB}")), "{xfcc}");
+    // The upstream connection negotiated h2 over ALPN and was reused.
+    let records = server.audit(3).await;
+    assert!(
+        records.iter().all(|r| r["context"]["tls"]["alpn"] == "h2"),
+        "{records:#?}"
+    );
+
+    let refused = plain_get(client.outbound(1), "/api/three").await;
+    assert_eq!(status(&refused), 502, "{refused}");
+    assert!(
+        refused.contains(&format!(
+            "peer `{API}` is not the expected `spiffe://a.org/ns/shop/sa/other`"
+        )),
+        "{refused}"
+    );
+    assert_eq!(
+        server.app.seen().len(),
+        2,
+        "nothing reached the app through the refused upstream"
+    );
+    assert!(
+        client
+            .metrics()
+            .contains(r#"meshward_proxy_tls_failures_total{reason="wrong_peer"} 1"#)
+    );
+}
+
+#[tokio::test]
+async fn an_unreachable_upstream_is_a_502_with_the_reason() {
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = closed.local_addr().unwrap();
+    drop(closed);
+    let client = Harness::with(|config, _| {
+        config.inbound.clear();
+        config.outbound.push(outbound(addr, API, Protocol::Http));
+    })
+    .await;
+    let response = plain_get(client.outbound(0), "/api/x").await;
+    assert_eq!(status(&response), 502, "{response}");
+    assert!(
+        response.contains("cannot connect to upstream"),
+        "{response}"
+    );
+}
+
+#[tokio::test]
+async fn tcp_listeners_relay_allowed_connections_and_close_denied_ones_before_any_byte() {
+    let echo = EchoApp::start().await;
+    let echo_addr = echo.addr;
+    let server = Harness::with(|config, _| {
+        config.inbound = vec![InboundListener {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            app: echo_addr,
+            protocol: Protocol::Tcp,
+        }];
+    })
+    .await;
+
+    // Allowed: bytes go both ways.
+    let (svid, key) = server.pki.svid(WEB);
+    let web = Client::new(&server.pki, svid.into_chain(), key, &[]);
+    let mut tls = web.connect(server.inbound()).await.unwrap();
+    tls.write_all(b"hello").await.unwrap();
+    let mut buf = [0u8; 5];
+    tls.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"hello");
+    drop(tls);
+
+    // Denied: the connection is closed and the app never sees it.
+    let before = echo.connections.load(Ordering::SeqCst);
+    let bytes_before = echo.bytes.load(Ordering::SeqCst);
+    let intruder = server.client(INTRUDER);
+    let mut tls = intruder.connect(server.inbound()).await.unwrap();
+    let _ = tls.write_all(b"secret").await;
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut out)).await;
+    assert!(read.is_ok(), "a denied connection must be closed");
+    assert!(out.is_empty(), "{out:?}");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(echo.connections.load(Ordering::SeqCst), before);
+    assert_eq!(echo.bytes.load(Ordering::SeqCst), bytes_before);
+
+    let records = server.audit(2).await;
+    assert_eq!(records[0]["action"], "connect");
+    assert_eq!(records[0]["decision"], "allow");
+    assert_eq!(records[0]["context"]["host"], "api.shop");
+    assert_eq!(records[1]["decision"], "deny");
+    assert_eq!(records[1]["principal"], INTRUDER);
+
+    // And through an outbound TCP listener of a client sidecar.
+    let upstream = server.inbound();
+    let client = Harness::with_identity(Arc::clone(&server.pki), WEB, |config, _| {
+        config.inbound.clear();
+        config.outbound.push(outbound(upstream, API, Protocol::Tcp));
+    })
+    .await;
+    let mut plain = tokio::net::TcpStream::connect(client.outbound(0))
+        .await
+        .unwrap();
+    plain.write_all(b"through the mesh").await.unwrap();
+    let mut buf = [0u8; 16];
+    plain.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"through the mesh");
+}
