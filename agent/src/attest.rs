@@ -17,6 +17,8 @@ use std::pin::Pin;
 use std::str::FromStr;
 use std::sync::Arc;
 
+use crate::svid_cache::CacheSnapshot;
+
 /// A property of a workload, `kind:value` (`unix:uid:1000`), as registration entries name them.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Selector {
@@ -98,6 +100,24 @@ pub trait Attestor: Send + Sync {
 
     /// The selectors of process `pid`; every selector's `kind` is [`Self::kind`].
     fn attest(&self, pid: i32) -> AttestFuture<'_>;
+
+    /// As [`Self::attest`], leaving out the costly selectors `wanted` says no entry uses. The
+    /// default produces everything (an attestor with no costly selector needs no other).
+    fn attest_wanted(&self, pid: i32, wanted: Wanted) -> AttestFuture<'_> {
+        let _everything_is_cheap = wanted;
+        self.attest(pid)
+    }
+}
+
+/// Which costly selectors an attestation must produce; the cheap ones are always produced.
+///
+/// The one costly selector today is `unix:sha256:<hex>`: hashing a binary the agent has not seen
+/// reads all of it (~130 ms for a 136 MB binary), so it is only done when an entry of the node
+/// selects on it. Leaving a selector out can only make a workload match *fewer* entries: every
+/// selector of an entry must be among the workload's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Wanted {
+    binary_hash: bool,
 }
 
 /// Every configured attestor; cheap to clone.
@@ -118,6 +138,28 @@ impl AttestError {
             Self::K8s { .. } => "k8s",
             Self::Internal { .. } => "internal",
         }
+    }
+}
+
+impl Wanted {
+    /// Every selector: what to produce before the node's entries are known.
+    pub const ALL: Self = Self { binary_hash: true };
+
+    /// Only the cheap selectors.
+    pub const CHEAP: Self = Self { binary_hash: false };
+
+    /// What entries selecting on `selectors` can match on: the binary hash only if one of them is
+    /// a `unix:sha256:` selector.
+    pub fn by_selectors<'a>(selectors: impl IntoIterator<Item = &'a Selector>) -> Self {
+        let binary_hash = selectors
+            .into_iter()
+            .any(|s| s.kind == unix::KIND && s.value.starts_with(unix::SHA256_PREFIX));
+        Self { binary_hash }
+    }
+
+    /// Whether `unix:sha256:` must be produced.
+    pub fn binary_hash(self) -> bool {
+        self.binary_hash
     }
 }
 
@@ -170,12 +212,36 @@ impl Attestors {
 
     /// Every attestor's selectors for `pid`, sorted and without duplicates.
     pub async fn attest(&self, pid: i32) -> Result<Vec<Selector>, AttestError> {
+        self.attest_wanted(pid, Wanted::ALL).await
+    }
+
+    /// `pid`'s selectors for matching against `snapshot`: the costly ones only if an entry of
+    /// the snapshot uses them ([`CacheSnapshot::wanted`]), or if the cheap ones match no entry
+    /// (the caller may be waiting for an entry not synced yet, which may select on anything).
+    pub async fn attest_for(
+        &self,
+        pid: i32,
+        snapshot: &CacheSnapshot,
+    ) -> Result<Vec<Selector>, AttestError> {
+        let selectors = self.attest_wanted(pid, snapshot.wanted).await?;
+        if snapshot.wanted != Wanted::ALL && snapshot.matching(&selectors).is_empty() {
+            return self.attest_wanted(pid, Wanted::ALL).await;
+        }
+        Ok(selectors)
+    }
+
+    /// As [`Self::attest`], leaving out the costly selectors `wanted` says no entry uses.
+    pub async fn attest_wanted(
+        &self,
+        pid: i32,
+        wanted: Wanted,
+    ) -> Result<Vec<Selector>, AttestError> {
         if pid <= 0 {
             return Err(AttestError::BadPid(pid));
         }
         let mut selectors = Vec::new();
         for attestor in &self.attestors {
-            selectors.extend(attestor.attest(pid).await?);
+            selectors.extend(attestor.attest_wanted(pid, wanted).await?);
         }
         selectors.sort();
         selectors.dedup();
@@ -217,6 +283,18 @@ mod tests {
             "unix:".parse::<Selector>(),
             Err(SelectorError::Empty("unix:".into()))
         );
+    }
+
+    #[test]
+    fn only_a_unix_sha256_selector_wants_the_binary_hash() {
+        let parse =
+            |list: &[&str]| -> Vec<Selector> { list.iter().map(|s| s.parse().unwrap()).collect() };
+        let cheap = parse(&["unix:uid:0", "unix:path:/bin/sha256:x", "k8s:sha256:ab"]);
+        assert_eq!(Wanted::by_selectors(&cheap), Wanted::CHEAP);
+        assert!(!Wanted::by_selectors(&cheap).binary_hash());
+        let hashed = parse(&["unix:uid:0", "unix:sha256:ab"]);
+        assert_eq!(Wanted::by_selectors(&hashed), Wanted::ALL);
+        assert_eq!(Wanted::by_selectors(&[]), Wanted::CHEAP);
     }
 
     #[tokio::test]

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use meshward_identity::TrustDomain;
+pub use meshward_ops::duration::{DurationError, format_duration, parse_duration};
 use serde::Deserialize;
 
 /// Default interval between `SyncEntries` calls.
@@ -333,7 +334,7 @@ impl AgentSettings {
         ] {
             if let Some(text) = text {
                 *slot = parse_duration(&text)
-                    .map_err(|reason| invalid(setting, text.clone(), &reason))?;
+                    .map_err(|e| invalid(setting, text.clone(), &e.to_string()))?;
             }
         }
         if self.k8s == Some(true) {
@@ -358,51 +359,6 @@ impl AgentSettings {
         }
         config.validate()?;
         Ok(config)
-    }
-}
-
-/// Parses a human duration: one or more `<number><unit>` parts, units `ms`, `s`, `m`, `h`
-/// (`500ms`, `5s`, `1m30s`). The error says what is wrong, for [`ConfigError::Invalid`].
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    if text.is_empty() {
-        return Err("empty duration; use e.g. `500ms`, `5s`, `1m`".to_owned());
-    }
-    let mut total = Duration::ZERO;
-    let mut rest = text;
-    while !rest.is_empty() {
-        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
-        let (number, after) = rest.split_at(digits);
-        let letters = after.bytes().take_while(u8::is_ascii_alphabetic).count();
-        let (unit, next) = after.split_at(letters);
-        if number.is_empty() {
-            return Err(format!("expected a number at `{rest}`"));
-        }
-        let value: u64 = number
-            .parse()
-            .map_err(|_| "duration is too long".to_owned())?;
-        let part = match unit {
-            "ms" => Some(Duration::from_millis(value)),
-            "s" => Some(Duration::from_secs(value)),
-            "m" => value.checked_mul(60).map(Duration::from_secs),
-            "h" => value.checked_mul(3_600).map(Duration::from_secs),
-            "" => return Err(format!("`{number}` has no unit; use `ms`, `s`, `m` or `h`")),
-            other => return Err(format!("unknown unit `{other}`; use `ms`, `s`, `m` or `h`")),
-        };
-        total = part
-            .and_then(|part| total.checked_add(part))
-            .ok_or_else(|| "duration is too long".to_owned())?;
-        rest = next;
-    }
-    Ok(total)
-}
-
-/// Shows a duration the way [`parse_duration`] reads it.
-pub fn format_duration(d: Duration) -> String {
-    if d.subsec_millis() != 0 || d.is_zero() {
-        format!("{}ms", d.as_millis())
-    } else {
-        format!("{}s", d.as_secs())
     }
 }
 
@@ -652,6 +608,13 @@ mod tests {
                 },
             ),
             (
+                "identity_wait",
+                AgentSettings {
+                    identity_wait: Some("1d".into()),
+                    ..settings()
+                },
+            ),
+            (
                 "ca_timeout",
                 AgentSettings {
                     ca_timeout: Some("3w".into()),
@@ -685,31 +648,5 @@ mod tests {
             AgentSettings::from_toml("sync_intervall = \"1s\"\n", Path::new("a.toml")).unwrap_err();
         assert!(matches!(err, ConfigError::ParseFile { .. }), "{err:?}");
         assert!(!err.to_string().contains('\n'), "{err}");
-    }
-
-    #[test]
-    fn durations_parse_and_refuse() {
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
-        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
-        assert!(parse_duration("").unwrap_err().contains("empty"));
-        assert!(parse_duration("5").unwrap_err().contains("`5` has no unit"));
-        assert!(
-            parse_duration("5d")
-                .unwrap_err()
-                .contains("unknown unit `d`")
-        );
-        assert!(
-            parse_duration("s")
-                .unwrap_err()
-                .contains("expected a number")
-        );
-        assert!(
-            parse_duration("99999999999999999999999s")
-                .unwrap_err()
-                .contains("too long")
-        );
-        assert_eq!(format_duration(Duration::from_secs(5)), "5s");
-        assert_eq!(format_duration(Duration::from_millis(1500)), "1500ms");
     }
 }

@@ -8,7 +8,8 @@
 //!   minted in one `MintX509Svids` batch (chunks of [`MAX_BATCH`]);
 //! - each SVID is renewed at half its lifetime, minus up to a tenth of it as jitter (so a thousand
 //!   SVIDs minted together do not hit the CA in the same second forever after); SVIDs due within
-//!   [`RENEW_BATCH_WINDOW`] of each other are renewed in one batch;
+//!   a short window of each other ([`RENEW_BATCH_WINDOW`], and at most a hundredth of their
+//!   lifetime, so the window never undoes the jitter) are renewed in one batch;
 //! - while the CA is unreachable, renewals are retried with backoff and the current SVIDs keep being
 //!   served until they expire, so a CA outage shorter than half a TTL is invisible to workloads;
 //!   an expired SVID is never served;
@@ -34,7 +35,7 @@ use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::attest::Selector;
+use crate::attest::{Selector, Wanted};
 use crate::ca_client::{self, CaClient, CaClientError, leaf_matches_key};
 use crate::metrics::AgentMetrics;
 use crate::node::{NodeIdentity, half_life, lifetime, rfc3339, until};
@@ -42,7 +43,9 @@ use crate::node::{NodeIdentity, half_life, lifetime, rfc3339, until};
 /// Most SVID requests in one `MintX509Svids` call (the CA's default cap is 1,000).
 pub const MAX_BATCH: usize = 500;
 
-/// SVIDs due for renewal within this window of the first due one are renewed in the same batch.
+/// SVIDs due for renewal within this window of the first due one are renewed in the same batch
+/// (an SVID rides along only within a hundredth of its lifetime: a tenth of the jitter range, so
+/// SVIDs minted together keep spreading out instead of being gathered into one batch again).
 pub const RENEW_BATCH_WINDOW: Duration = Duration::from_secs(5);
 
 /// First pause after a failed call to the CA; doubles up to [`MAX_RETRY`].
@@ -67,6 +70,9 @@ pub struct CacheSnapshot {
     pub entries: Vec<CachedEntry>,
     /// False until the first `SyncEntries`, the first mint round and the first bundle finished.
     pub synced: bool,
+    /// The costly selectors the entries use ([`Wanted::ALL`] until synced: the entries are not
+    /// known yet).
+    pub wanted: Wanted,
 }
 
 /// One registration entry of this node, and its SVID when it holds one.
@@ -187,6 +193,7 @@ impl SvidCache {
             jwt_bundle: JwtBundle::new(trust_domain.clone()),
             entries: Vec::new(),
             synced: false,
+            wanted: Wanted::ALL,
         }));
         let shared = Arc::new(Shared {
             snapshots,
@@ -451,11 +458,16 @@ impl CacheWorker {
     /// Mints every slot that needs an SVID now, plus those due within the batch window.
     async fn mint_due(&mut self) {
         let now = SystemTime::now();
-        let horizon = now + RENEW_BATCH_WINDOW;
         let due: Vec<String> = self
             .slots
             .iter()
-            .filter(|(_, s)| s.next_try <= now && (s.entry.svid.is_none() || s.renew_at <= horizon))
+            .filter(|(_, s)| {
+                s.next_try <= now
+                    && match &s.entry.svid {
+                        None => true,
+                        Some(c) => s.renew_at <= now + ride_along(lifetime(&c.svid)),
+                    }
+            })
             .map(|(id, _)| id.clone())
             .collect();
         // Early renewals only ride along with something actually due now.
@@ -638,12 +650,19 @@ impl CacheWorker {
                 JwtBundle::new(self.trust_domain.clone()),
             ),
         };
+        let synced = self.entries_synced && self.minted_once && self.bundles.is_some();
+        let wanted = if synced {
+            Wanted::by_selectors(entries.iter().flat_map(|e| &e.selectors))
+        } else {
+            Wanted::ALL
+        };
         let snapshot = CacheSnapshot {
             trust_domain: self.trust_domain.clone(),
             bundle,
             jwt_bundle,
             entries,
-            synced: self.entries_synced && self.minted_once && self.bundles.is_some(),
+            synced,
+            wanted,
         };
         self.publish.send_if_modified(|current| {
             if same(current, &snapshot) {
@@ -740,6 +759,7 @@ async fn next_bundle(
 /// Whether two snapshots look the same to a reader (same SVIDs by pointer, same bundles).
 fn same(a: &CacheSnapshot, b: &CacheSnapshot) -> bool {
     a.synced == b.synced
+        && a.wanted == b.wanted
         && a.bundle == b.bundle
         && a.jwt_bundle == b.jwt_bundle
         && a.entries.len() == b.entries.len()
@@ -754,6 +774,13 @@ fn same(a: &CacheSnapshot, b: &CacheSnapshot) -> bool {
                     _ => false,
                 }
         })
+}
+
+/// How early an SVID of `lifetime` may be renewed to ride along with one that is due: at most
+/// [`RENEW_BATCH_WINDOW`], and a tenth of the jitter range (a thousand SVIDs minted together with a
+/// 30 s lifetime are renewed over 3 s; a 5 s window would gather them into one batch again).
+fn ride_along(lifetime: Duration) -> Duration {
+    RENEW_BATCH_WINDOW.min(lifetime / 100)
 }
 
 /// A uniformly random duration in `[0, max)`.

@@ -395,7 +395,10 @@ pub(crate) async fn attest_caller(
             "the socket carries no peer process id",
         ))?;
     let started = Instant::now();
-    let attested = services.attestors.attest(pid).await;
+    let attested = services
+        .attestors
+        .attest_for(pid, &services.cache.current())
+        .await;
     let code = match &attested {
         Ok(_) => "ok",
         Err(e) => e.code(),

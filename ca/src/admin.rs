@@ -394,7 +394,11 @@ fn keystore_code(err: &KeystoreError) -> tonic::Code {
         KeystoreError::Rotation(A::Unknown { .. }) => tonic::Code::NotFound,
         KeystoreError::Rotation(_)
         | KeystoreError::UpstreamManaged { .. }
+        | KeystoreError::BadKeySecret { .. }
         | KeystoreError::NoActiveAuthority => tonic::Code::FailedPrecondition,
+        // Another replica is rotating (Kubernetes mode): the operator retries once it is done.
+        KeystoreError::RotationLeaseHeld { .. } => tonic::Code::Aborted,
+        KeystoreError::Cluster(_) => tonic::Code::Unavailable,
         _ => tonic::Code::Internal,
     }
 }

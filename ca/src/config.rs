@@ -6,13 +6,13 @@
 //! a domain type (`TrustDomain`, `SocketAddr`, `Duration`), so nothing downstream parses again.
 //! Tests build a [`CaConfig`] directly with [`CaConfig::new`].
 
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use meshward_identity::TrustDomain;
 use meshward_identity::x509::{MAX_AUTHORITY_TTL, MAX_SVID_TTL, MIN_SVID_TTL};
+pub use meshward_ops::duration::{DurationError, format_duration, parse_duration};
 use serde::Deserialize;
 
 /// The admin socket's file name inside the data dir.
@@ -68,6 +68,8 @@ pub struct CaConfig {
     pub reload_interval: Duration,
     /// Kubernetes mode (`--k8s`): PSAT attestation and pod-based entitlement.
     pub k8s: Option<crate::k8s::K8sConfig>,
+    /// The injection webhook (`POST /inject` over HTTPS), if `webhook_listen` is set.
+    pub webhook: Option<crate::webhook::WebhookConfig>,
 }
 
 /// Why the configuration is unusable. The CLI prints it on one line and exits 64.
@@ -105,26 +107,6 @@ pub enum ConfigError {
         /// What the TOML parser said, on one line.
         message: String,
     },
-}
-
-/// Why a human duration (`30s`, `10m`, `1h30m`, `7d`) does not parse.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum DurationError {
-    /// Nothing was given.
-    #[error("empty duration; use e.g. `30s`, `10m`, `1h`")]
-    Empty,
-    /// A number had no unit after it.
-    #[error("`{0}` has no unit; use `s`, `m`, `h` or `d` (e.g. `{0}s`)")]
-    NoUnit(String),
-    /// A unit other than `ms`, `s`, `m`, `h`, `d`.
-    #[error("unknown unit `{0}`; use `ms`, `s`, `m`, `h` or `d`")]
-    UnknownUnit(String),
-    /// A unit with no number before it, or a stray character.
-    #[error("expected a number at `{0}`")]
-    ExpectedNumber(String),
-    /// The total does not fit.
-    #[error("duration is too long")]
-    Overflow,
 }
 
 /// Raw settings from flags, env or a TOML file; every field optional, nothing validated yet.
@@ -173,6 +155,20 @@ pub struct CaSettings {
     pub cluster: Option<String>,
     /// See [`crate::k8s::K8sConfig::agent_sa`] (`namespace:name`).
     pub agent_sa: Option<String>,
+    /// See [`crate::webhook::WebhookConfig::listen`].
+    pub webhook_listen: Option<String>,
+    /// See [`crate::webhook::WebhookConfig::cert`].
+    pub webhook_cert: Option<PathBuf>,
+    /// See [`crate::webhook::WebhookConfig::key`].
+    pub webhook_key: Option<PathBuf>,
+    /// The image injected proxies run (default `meshward:<version>`).
+    pub inject_image: Option<String>,
+    /// The ConfigMap injected proxies mount (default `meshward-policies`).
+    pub inject_policies_configmap: Option<String>,
+    /// The node directory with the agent's socket (default `/run/meshward`).
+    pub inject_socket_dir: Option<String>,
+    /// Inject pods with `hostNetwork: true` too (default: deny them).
+    pub inject_allow_host_network: Option<bool>,
 }
 
 impl CaConfig {
@@ -200,6 +196,7 @@ impl CaConfig {
             drain_grace: Duration::from_secs(5),
             reload_interval: Duration::from_secs(10),
             k8s: None,
+            webhook: None,
         }
     }
 
@@ -302,6 +299,17 @@ impl CaSettings {
             namespace: self.namespace.or(fallback.namespace),
             cluster: self.cluster.or(fallback.cluster),
             agent_sa: self.agent_sa.or(fallback.agent_sa),
+            webhook_listen: self.webhook_listen.or(fallback.webhook_listen),
+            webhook_cert: self.webhook_cert.or(fallback.webhook_cert),
+            webhook_key: self.webhook_key.or(fallback.webhook_key),
+            inject_image: self.inject_image.or(fallback.inject_image),
+            inject_policies_configmap: self
+                .inject_policies_configmap
+                .or(fallback.inject_policies_configmap),
+            inject_socket_dir: self.inject_socket_dir.or(fallback.inject_socket_dir),
+            inject_allow_host_network: self
+                .inject_allow_host_network
+                .or(fallback.inject_allow_host_network),
         }
     }
 
@@ -381,71 +389,17 @@ impl CaSettings {
             self.cluster,
             self.agent_sa,
         )?;
+        config.webhook = crate::webhook::webhook_config(
+            self.webhook_listen,
+            self.webhook_cert,
+            self.webhook_key,
+            self.inject_image,
+            self.inject_policies_configmap,
+            self.inject_socket_dir,
+            self.inject_allow_host_network,
+        )?;
         config.validate()?;
         Ok(config)
-    }
-}
-
-/// Parses a human duration: one or more `<number><unit>` parts, units `ms`, `s`, `m`, `h`, `d`
-/// (`30s`, `10m`, `1h30m`, `7d`).
-pub fn parse_duration(text: &str) -> Result<Duration, DurationError> {
-    let text = text.trim();
-    if text.is_empty() {
-        return Err(DurationError::Empty);
-    }
-    let mut total = Duration::ZERO;
-    let mut rest = text;
-    while !rest.is_empty() {
-        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
-        let (number, after) = rest.split_at(digits);
-        if number.is_empty() {
-            return Err(DurationError::ExpectedNumber(rest.to_owned()));
-        }
-        let letters = after.bytes().take_while(u8::is_ascii_alphabetic).count();
-        let (unit, next) = after.split_at(letters);
-        let value: u64 = number.parse().map_err(|_| DurationError::Overflow)?;
-        let unit_len = match unit {
-            "" => return Err(DurationError::NoUnit(number.to_owned())),
-            "ms" => Duration::from_millis(1),
-            "s" => Duration::from_secs(1),
-            "m" => Duration::from_secs(60),
-            "h" => Duration::from_secs(60 * 60),
-            "d" => Duration::from_secs(24 * 60 * 60),
-            other => return Err(DurationError::UnknownUnit(other.to_owned())),
-        };
-        let part = unit_len
-            .checked_mul(u32::try_from(value).map_err(|_| DurationError::Overflow)?)
-            .ok_or(DurationError::Overflow)?;
-        total = total.checked_add(part).ok_or(DurationError::Overflow)?;
-        rest = next;
-    }
-    Ok(total)
-}
-
-/// Shows a duration the way [`parse_duration`] reads it (`90s` -> `1m30s`).
-pub fn format_duration(d: Duration) -> String {
-    Shown(d).to_string()
-}
-
-struct Shown(Duration);
-
-impl fmt::Display for Shown {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut secs = self.0.as_secs();
-        let millis = self.0.subsec_millis();
-        if secs == 0 {
-            return write!(f, "{millis}ms");
-        }
-        for (unit, len) in [("d", 86_400), ("h", 3_600), ("m", 60), ("s", 1)] {
-            if secs >= len {
-                write!(f, "{}{unit}", secs / len)?;
-                secs %= len;
-            }
-        }
-        if millis > 0 {
-            write!(f, "{millis}ms")?;
-        }
-        Ok(())
     }
 }
 

@@ -8,8 +8,8 @@
 //!   scheduled on a node and not be terminating. The newer servers' `node-name`/`node-uid` extras are
 //!   optional (1.20 lacks them) but must match the pod's node when present. The agent's identity is
 //!   `spiffe://<td>/meshward/agent/k8s_psat/<cluster>/<node>`.
-//! - Issuance ([`Cluster::node_pods`]): the pods on the agent's node are listed live (fieldSelector
-//!   `spec.nodeName`) at every mint, and `spiffe://<td>/ns/<ns>/sa/<sa>` is entitled only while a pod
+//! - Issuance ([`Cluster::node_pods_for`]): the pods on the agent's node come from a watch of the
+//!   cluster's pods, indexed by node (see `pods` for its fail-closed rules), and `spiffe://<td>/ns/<ns>/sa/<sa>` is entitled only while a pod
 //!   of that service account is `Running` there and not terminating. The apiserver caches positive
 //!   TokenReviews for ~10 s, so the pod is what is checked, never a workload's token.
 //!
@@ -36,7 +36,7 @@ use thiserror::Error;
 
 pub use bundle::{BUNDLE_CONFIGMAP, BUNDLE_PEM_KEY, JWKS_KEY};
 pub use lease::ROTATION_LEASE;
-pub use pods::{NodePods, RunningPod};
+pub use pods::{LOOKUP_TIMEOUT, NodePods, RunningPod, SYNC_WAIT};
 pub use review::AttestedNode;
 pub use secret::{KEYS_SECRET, KeyFiles, StoredKeys};
 
@@ -239,6 +239,11 @@ pub enum K8sError {
         /// Why.
         reason: String,
     },
+    /// The pod cache cannot answer (not synced yet); nothing is minted on a missing answer.
+    #[error(
+        "the ca's pod cache is {0}; retry shortly, and check the apiserver and the ca's rbac if it persists"
+    )]
+    PodCache(String),
     /// `--cluster` (or a node name) cannot be a SPIFFE ID path segment.
     #[error("`{0}` cannot name a cluster or node in an agent id: {1}")]
     BadName(String, String),
@@ -249,6 +254,7 @@ impl K8sError {
     pub fn code(&self) -> &'static str {
         match self {
             Self::Api { .. } => "k8s_api",
+            Self::PodCache(_) => "pods_not_synced",
             Self::TokenRejected(_) | Self::NotAuthenticated => "bad_psat",
             Self::WrongServiceAccount { .. } => "wrong_service_account",
             Self::MissingExtra(_) => "not_pod_bound",
@@ -266,6 +272,7 @@ impl K8sError {
         !matches!(
             self,
             Self::Api { .. }
+                | Self::PodCache(_)
                 | Self::BadServiceAccount(_)
                 | Self::BadName(..)
                 | Self::Connect { .. }
@@ -286,6 +293,7 @@ pub struct Cluster {
     client: kube::Client,
     name: String,
     agent_sa: ServiceAccountRef,
+    pods: std::sync::Arc<pods::PodCacheSlot>,
 }
 
 impl fmt::Debug for Cluster {
@@ -310,6 +318,7 @@ impl Cluster {
             client,
             name: name.to_owned(),
             agent_sa,
+            pods: std::sync::Arc::default(),
         })
     }
 

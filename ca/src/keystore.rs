@@ -8,6 +8,10 @@
 //!   the bundle is the upstream root. Rotation is the upstream's business: replace the files, and the
 //!   next [`Keystore::reload`] (or restart) picks them up.
 //!
+//! In Kubernetes mode ([`Keystore::open_shared`]) the authorities live in the CA's keys Secret and the
+//! data dir holds a mirror of it; see [`shared`] for the Secret's layout and how rotation is
+//! coordinated between replicas.
+//!
 //! Keys live in `D/keys/<authority-id>.key` (X.509) and `D/keys/<authority-id>.jwt.key` (JWT), PKCS#8
 //! PEM, 0600, written atomically; the rows in the datastore hold certificates only. A key file is
 //! always written before its row, so a row never names a key that does not exist.
@@ -18,6 +22,7 @@
 //! [`Keystore::reload`] picks up what another process changed.
 
 mod files;
+pub mod shared;
 mod upstream;
 
 #[cfg(test)]
@@ -39,6 +44,7 @@ use tokio::sync::watch;
 use crate::datastore::{AuthorityError, AuthorityState, Datastore, DatastoreError, authority_id};
 
 pub use crate::datastore::Authority as AuthorityInfo;
+pub use shared::{INDEX_KEY, ROTATION_LEASE_DURATION, SharedKeys};
 pub use upstream::{UpstreamCa, UpstreamError};
 
 /// Default lifetime of a self-signed root.
@@ -160,6 +166,31 @@ pub enum KeystoreError {
         /// The chain file to replace.
         cert_chain: PathBuf,
     },
+    /// Kubernetes mode: the keys Secret cannot be used (garbage, a key file missing, ...).
+    #[error(
+        "ca keys secret `{secret}` is unusable: {reason}; restore it from a backup, or delete it to have the ca make a new root (every svid of the old root then stops verifying)"
+    )]
+    BadKeySecret {
+        /// `namespace/name`.
+        secret: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Kubernetes mode: another replica holds the rotation Lease.
+    #[error(
+        "another ca replica (`{holder}`) holds the rotation lease `{lease}` and may be rotating right now; run the command again when it is done (a replica that died frees the lease after `{seconds}s`)"
+    )]
+    RotationLeaseHeld {
+        /// The holder's identity.
+        holder: String,
+        /// `namespace/name`.
+        lease: String,
+        /// The lease duration.
+        seconds: u64,
+    },
+    /// Kubernetes mode: the apiserver failed; nothing was changed on a missing answer.
+    #[error(transparent)]
+    Cluster(#[from] crate::k8s::K8sError),
     /// The upstream certificate's key was used before and rotated out.
     #[error(
         "the upstream ca key (authority `{id}`) was rotated out before (state `{state}`); issue the intermediate for a new key"
@@ -191,6 +222,7 @@ impl Keystore {
             trust_domain: td,
             upstream_files: upstream,
             root_ttl,
+            shared: None,
         };
         let upstream = match &ctx.upstream_files {
             Some(files) => Some(ctx.adopt_upstream(files, now)?),
@@ -199,6 +231,51 @@ impl Keystore {
                 None
             }
         };
+        Self::finish_open(ctx, upstream, None)
+    }
+
+    /// Kubernetes mode: opens the keystore with its authorities in the keys Secret of `shared`'s
+    /// namespace (self-signed mode only; see [`shared`]). The first start creates the Secret with a
+    /// new root; replicas racing to create it all end with the winner's root. The data dir's
+    /// authorities are replaced by the Secret's.
+    ///
+    /// Blocks on the apiserver: call it on a blocking thread, not an async worker.
+    pub fn open_shared(
+        data_dir: &Path,
+        datastore: Datastore,
+        td: TrustDomain,
+        root_ttl: Duration,
+        now: SystemTime,
+        shared: SharedKeys,
+    ) -> Result<Self, KeystoreError> {
+        let keys_dir = data_dir.join(files::KEYS_DIR);
+        files::ensure_private_dir(&keys_dir)?;
+        let ctx = Ctx {
+            keys_dir,
+            datastore,
+            trust_domain: td,
+            upstream_files: None,
+            root_ttl,
+            shared: Some(shared.clone()),
+        };
+        let stored = ctx.load_or_create_secret(&shared, now)?;
+        let model = shared::Model::decode(&stored.files, &ctx.trust_domain)
+            .map_err(|reason| shared.bad_secret(reason))?;
+        ctx.mirror(&model)?;
+        tracing::info!(
+            secret = %shared.secret_name(),
+            created = stored.created,
+            holder = shared.holder(),
+            "signing authorities taken from the kubernetes secret"
+        );
+        Self::finish_open(ctx, None, Some(stored.resource_version))
+    }
+
+    fn finish_open(
+        ctx: Ctx,
+        upstream: Option<ActiveUpstream>,
+        secret_version: Option<String>,
+    ) -> Result<Self, KeystoreError> {
         let rows = ctx.datastore.list_authorities()?;
         let state = ctx.build_state(&rows, upstream.as_ref(), 0)?;
         tracing::info!(
@@ -211,6 +288,7 @@ impl Keystore {
         let loaded = Loaded {
             fingerprint: fingerprint(&rows),
             upstream,
+            secret_version,
         };
         let (sender, _) = watch::channel(Arc::new(state));
         Ok(Self {
@@ -242,6 +320,17 @@ impl Keystore {
         self.refuse_upstream("rotate prepare")?;
         let mut loaded = self.inner.lock();
         let ctx = &self.inner.ctx;
+        if let Some(shared) = &ctx.shared {
+            let (root, jwt_key) = ctx.new_root(now)?;
+            let entry = shared::Entry::new(&root, &jwt_key, AuthorityState::Prepared, now)?;
+            let info = self
+                .inner
+                .rotate_shared(&mut loaded, shared, now, |model| {
+                    Ok(model.prepare(entry.clone())?)
+                })?;
+            tracing::info!(authority = %info.id, "root prepared in the kubernetes secret");
+            return Ok(info);
+        }
         let (root, jwt_key) = ctx.new_root(now)?;
         let id = authority_id(root.certificate().as_ref())?;
         ctx.write_keys(&id, &root, &jwt_key)?;
@@ -264,6 +353,16 @@ impl Keystore {
     pub fn activate(&self, now: SystemTime) -> Result<AuthorityInfo, KeystoreError> {
         self.refuse_upstream("rotate activate")?;
         let mut loaded = self.inner.lock();
+        if let Some(shared) = &self.inner.ctx.shared {
+            let local = self.inner.ctx.local_signed_until()?;
+            let info = self
+                .inner
+                .rotate_shared(&mut loaded, shared, now, |model| {
+                    Ok(model.activate(now, &local)?)
+                })?;
+            tracing::info!(authority = %info.id, "root activated in the kubernetes secret");
+            return Ok(info);
+        }
         let info = self.inner.ctx.datastore.activate_authority(now)?;
         tracing::info!(authority = %info.id, "root activated");
         self.inner.refresh(&mut loaded, true)?;
@@ -279,6 +378,16 @@ impl Keystore {
     ) -> Result<AuthorityInfo, KeystoreError> {
         self.refuse_upstream("rotate retire")?;
         let mut loaded = self.inner.lock();
+        if let Some(shared) = &self.inner.ctx.shared {
+            let local = self.inner.ctx.local_signed_until()?;
+            let info = self
+                .inner
+                .rotate_shared(&mut loaded, shared, now, |model| {
+                    Ok(model.retire(now, danger_force, &local)?)
+                })?;
+            tracing::info!(authority = %info.id, forced = danger_force, "root retired in the kubernetes secret");
+            return Ok(info);
+        }
         let info = self
             .inner
             .ctx
@@ -294,9 +403,15 @@ impl Keystore {
     /// they changed, e.g. after another CA process rotated. Returns whether anything changed.
     ///
     /// On error the current state stays in force.
+    ///
+    /// In Kubernetes mode it re-reads the keys Secret (blocking on the apiserver: call it on a
+    /// blocking thread) and records this replica's signed-until of `old` authorities there.
     pub fn reload(&self, now: SystemTime) -> Result<bool, KeystoreError> {
         let mut loaded = self.inner.lock();
         let ctx = &self.inner.ctx;
+        if let Some(shared) = &ctx.shared {
+            return self.inner.reload_shared(&mut loaded, shared);
+        }
         let mut upstream_changed = false;
         if let Some(files) = &ctx.upstream_files {
             let current_id = loaded.upstream.as_ref().map(|u| u.id.clone());
@@ -351,12 +466,16 @@ struct Ctx {
     trust_domain: TrustDomain,
     upstream_files: Option<UpstreamCa>,
     root_ttl: Duration,
+    /// Kubernetes mode: where the authorities really live.
+    shared: Option<SharedKeys>,
 }
 
 /// What the published state was built from.
 struct Loaded {
     fingerprint: Vec<(String, AuthorityState)>,
     upstream: Option<ActiveUpstream>,
+    /// Kubernetes mode: the keys Secret's resourceVersion last mirrored.
+    secret_version: Option<String>,
 }
 
 /// The upstream intermediate in use.

@@ -23,5 +23,6 @@ pub mod keystore;
 pub mod metrics;
 pub mod server;
 pub mod service;
+pub mod webhook;
 
 pub use server::run;

@@ -9,6 +9,7 @@
 //! - `reload`: picks up a rotation made by another replica and refreshes gauges;
 //! - `admin`: the `Admin` service on the unix socket;
 //! - `http`: `/metrics`, `/ready`, `/live` (if `admin_listen` is set).
+//! - `webhook`: `POST /inject` over HTTPS, the injection webhook (if `webhook_listen` is set).
 //!
 //! Shutdown (the token fires, or a task fails): `/ready` goes false, listeners stop accepting,
 //! bundle watches end, and calls in flight get [`CaConfig::drain_grace`] to finish.
@@ -35,7 +36,7 @@ use crate::config::{CaConfig, ConfigError};
 use crate::datastore::{Datastore, DatastoreError};
 use crate::http::{AdminHttp, Readiness};
 use crate::issuer::{Issuer, IssuerConfig};
-use crate::keystore::{Keystore, KeystoreError, UpstreamCa};
+use crate::keystore::{Keystore, KeystoreError, SharedKeys, UpstreamCa};
 use crate::metrics::CaMetrics;
 use crate::service::CaService;
 use tls::{ServingSvid, TlsSetupError};
@@ -88,6 +89,9 @@ pub enum ServeError {
     /// Kubernetes mode could not be set up (kubeconfig, in-cluster config, names).
     #[error("kubernetes mode: {0}")]
     K8s(#[from] crate::k8s::K8sError),
+    /// The injection webhook could not start (its certificate, key or address).
+    #[error(transparent)]
+    Webhook(#[from] crate::webhook::WebhookError),
     /// A critical task ended before shutdown.
     #[error("the `{0}` task stopped unexpectedly")]
     TaskExited(&'static str),
@@ -108,6 +112,8 @@ pub struct RunningCa {
     pub local_addr: SocketAddr,
     /// The admin HTTP port's bound address, if enabled.
     pub admin_http_addr: Option<SocketAddr>,
+    /// The injection webhook's bound address, if enabled.
+    pub webhook_addr: Option<SocketAddr>,
     /// The admin unix socket.
     pub admin_socket: std::path::PathBuf,
     handle: tokio::task::JoinHandle<Result<(), ServeError>>,
@@ -135,8 +141,20 @@ pub async fn run(config: CaConfig, shutdown: CancellationToken) -> Result<(), Se
 pub async fn start(config: CaConfig, shutdown: CancellationToken) -> Result<RunningCa, ServeError> {
     config.validate()?;
     let state_config = config.clone();
+    // Kubernetes mode: the cluster is reached first, because the keys live in its Secret.
+    let cluster = match &config.k8s {
+        Some(k8s) => Some((k8s.connect().await?, k8s.namespace.clone())),
+        None => None,
+    };
+    let shared = cluster.as_ref().map(|(cluster, namespace)| {
+        SharedKeys::new(
+            cluster.clone(),
+            namespace,
+            tokio::runtime::Handle::current(),
+        )
+    });
     let (datastore, keystore, issuer) =
-        tokio::task::spawn_blocking(move || open_state(&state_config))
+        tokio::task::spawn_blocking(move || open_state(&state_config, shared))
             .await
             .map_err(|e| panicked("startup", &e))??;
     let metrics = CaMetrics::new();
@@ -169,6 +187,13 @@ pub async fn start(config: CaConfig, shutdown: CancellationToken) -> Result<Runn
         None => None,
     };
     let admin_http_addr = http_listener.as_ref().and_then(|l| l.local_addr().ok());
+    let webhook = match &config.webhook {
+        Some(webhook) => Some(crate::webhook::WebhookServer::bind(webhook).await?),
+        None => None,
+    };
+    let webhook_addr = webhook
+        .as_ref()
+        .map(crate::webhook::WebhookServer::local_addr);
 
     let stop = shutdown.child_token();
     let mut tasks: JoinSet<(&'static str, Result<(), ServeError>)> = JoinSet::new();
@@ -190,9 +215,10 @@ pub async fn start(config: CaConfig, shutdown: CancellationToken) -> Result<Runn
         config.max_batch,
         stop.clone(),
     );
-    if let Some(k8s) = &config.k8s {
-        let cluster = k8s.connect().await?;
+    if let (Some(k8s), Some((cluster, _))) = (&config.k8s, cluster) {
         tracing::info!(cluster = cluster.name(), agent_sa = %cluster.agent_sa(), "kubernetes mode: psat attestation and pod entitlement on");
+        // Sync the pod cache now, so the first agents' mints do not wait for it.
+        cluster.start_pod_watch();
         // Publishing the bundle is best effort (retried); agents get it from the CA itself anyway.
         tokio::spawn(cluster.clone().publish_bundles(
             k8s.namespace.clone(),
@@ -253,6 +279,13 @@ pub async fn start(config: CaConfig, shutdown: CancellationToken) -> Result<Runn
             ("admin", result)
         }
     });
+    if let Some(webhook) = webhook {
+        let stop = stop.clone();
+        tasks.spawn(async move {
+            webhook.serve(stop).await;
+            ("webhook", Ok(()))
+        });
+    }
     if let Some(http_listener) = http_listener {
         let keystore = keystore.clone();
         let gauge = metrics.clone();
@@ -286,6 +319,7 @@ pub async fn start(config: CaConfig, shutdown: CancellationToken) -> Result<Runn
     Ok(RunningCa {
         local_addr,
         admin_http_addr,
+        webhook_addr,
         admin_socket,
         handle,
     })
@@ -354,18 +388,41 @@ fn task_result(
 }
 
 /// Opens the datastore, keystore (creating the first root if needed), audit log and issuer.
-fn open_state(config: &CaConfig) -> Result<(Datastore, Keystore, Issuer), ServeError> {
+///
+/// In Kubernetes mode (`shared`) the authorities come from the keys Secret, except with an upstream
+/// CA: its `cacerts` files are the shared authority, and the keystore stays file-based.
+fn open_state(
+    config: &CaConfig,
+    shared: Option<SharedKeys>,
+) -> Result<(Datastore, Keystore, Issuer), ServeError> {
     let now = SystemTime::now();
     let datastore = Datastore::open(&config.data_dir)?;
     let upstream = config.upstream_ca.as_deref().map(UpstreamCa::from_dir);
-    let keystore = Keystore::open(
-        &config.data_dir,
-        datastore.clone(),
-        config.trust_domain.clone(),
-        upstream,
-        config.root_ttl,
-        now,
-    )?;
+    let keystore = match (shared, upstream) {
+        (Some(shared), None) => Keystore::open_shared(
+            &config.data_dir,
+            datastore.clone(),
+            config.trust_domain.clone(),
+            config.root_ttl,
+            now,
+            shared,
+        )?,
+        (shared, upstream) => {
+            if shared.is_some() {
+                tracing::warn!(
+                    "kubernetes mode with an upstream ca: the cacerts files are the shared authority; the keys secret is not used, and each replica keeps its own jwt signing key"
+                );
+            }
+            Keystore::open(
+                &config.data_dir,
+                datastore.clone(),
+                config.trust_domain.clone(),
+                upstream,
+                config.root_ttl,
+                now,
+            )?
+        }
+    };
     let audit = Arc::new(AuditLog::open(config.audit_path(), &node_name())?);
     let issuer = Issuer::new(
         keystore.clone(),

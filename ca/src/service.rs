@@ -68,10 +68,15 @@ impl CaService {
         self
     }
 
-    /// The running pods of a Kubernetes-attested agent's node, listed now; `None` for other agents.
-    /// An apiserver failure fails the call (closed) rather than minting from entries alone, so an
+    /// The running pods of a Kubernetes-attested agent's node, from the pod cache (a pod of `wanted`
+    /// it has not seen is looked up live once); `None` for other agents. A cache not yet synced or
+    /// an apiserver failure fails the call (closed) rather than minting from entries alone, so an
     /// agent retries instead of caching a refusal.
-    async fn node_pods(&self, agent: &AgentIdentity) -> Result<Option<NodePods>, Status> {
+    async fn node_pods<'a>(
+        &self,
+        agent: &AgentIdentity,
+        wanted: impl IntoIterator<Item = (&'a str, Option<&'a str>)>,
+    ) -> Result<Option<NodePods>, Status> {
         let Some(cluster) = self
             .cluster
             .as_ref()
@@ -79,8 +84,12 @@ impl CaService {
         else {
             return Ok(None);
         };
-        match cluster.node_pods(&agent.node).await {
+        match cluster.node_pods_for(&agent.node, wanted).await {
             Ok(pods) => Ok(Some(pods)),
+            Err(e @ K8sError::PodCache(_)) => {
+                tracing::warn!(agent = %agent.spiffe_id, error = %e, "no pod answer yet");
+                Err(Status::unavailable(e.to_string()))
+            }
             Err(e) => {
                 tracing::warn!(agent = %agent.spiffe_id, error = %e, "could not list the node's pods");
                 Err(Status::unavailable(
@@ -235,7 +244,10 @@ impl Ca for CaService {
                 })
             })
             .collect::<Result<Vec<_>, Status>>()?;
-        let pods = self.node_pods(&agent).await?;
+        let wanted = requests
+            .iter()
+            .map(|r| (r.spiffe_id.as_str(), r.pod_uid.as_deref()));
+        let pods = self.node_pods(&agent, wanted).await?;
         let issuer = self.issuer.clone();
         let started = Instant::now();
         let results = blocking(move || {
@@ -274,7 +286,9 @@ impl Ca for CaService {
         let agent = self.agent(&request, CALL).await?;
         let r = request.into_inner();
         let ttl = ttl_from_proto(r.ttl_seconds).map_err(Status::invalid_argument)?;
-        let pods = self.node_pods(&agent).await?;
+        let pods = self
+            .node_pods(&agent, [(r.spiffe_id.as_str(), None)])
+            .await?;
         let issuer = self.issuer.clone();
         let started = Instant::now();
         let minted = blocking(move || {

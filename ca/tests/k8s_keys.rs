@@ -58,7 +58,9 @@ async fn two_replicas_end_with_one_key(admin: kube::Client, a: Cluster, b: Clust
     );
     // A later start adopts it, never generating anything.
     let again = a
-        .load_or_create_keys(&ns, || panic!("must not generate when the secret exists"))
+        .load_or_create_keys(&ns, || -> Result<KeyFiles, K8sError> {
+            panic!("must not generate when the secret exists")
+        })
         .await
         .unwrap();
     assert_eq!(again.files, ra.files);
@@ -69,7 +71,7 @@ async fn two_replicas_end_with_one_key(admin: kube::Client, a: Cluster, b: Clust
         move |files: &KeyFiles| {
             let mut files = files.clone();
             files.insert(name.to_owned(), name.as_bytes().to_vec());
-            Ok(files)
+            Ok::<_, K8sError>(files)
         }
     };
     let (ua, ub) = tokio::join!(
@@ -121,7 +123,9 @@ async fn an_apiserver_failure_is_an_error_not_a_new_key() {
     let a = replica(fake.config_for_token(fake.ca_token()).await.unwrap());
     fake.fail_next_matching(1, 500, "/secrets");
     let err = a
-        .load_or_create_keys(&ns, || panic!("must not generate when the read failed"))
+        .load_or_create_keys(&ns, || -> Result<KeyFiles, K8sError> {
+            panic!("must not generate when the read failed")
+        })
         .await
         .unwrap_err();
     assert!(matches!(err, K8sError::Api { .. }), "{err:?}");
@@ -274,4 +278,97 @@ async fn real_one_rotation_lease_holder() {
     let a = replica(real.ca_config().await.unwrap());
     let b = replica(real.ca_config().await.unwrap());
     one_rotation_lease_holder(real.client().await.unwrap(), a, b).await;
+}
+
+/// A write by another replica between `update_keys`' read and its write: the write gets 409, the
+/// change is re-applied to what is there now, and both writes survive. The other write is made from
+/// inside the change (on another thread, so the first attempt's read is certainly stale).
+async fn a_conflicting_update_is_retried(admin: kube::Client, a: Cluster, b: Cluster) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let ns = create_namespace(&admin, "ca-conflict").await.unwrap();
+    a.load_or_create_keys(&ns, fresh_root).await.unwrap();
+    let calls = AtomicUsize::new(0);
+    let handle = tokio::runtime::Handle::current();
+    let written = a
+        .update_keys(&ns, |files: &KeyFiles| {
+            if calls.fetch_add(1, Ordering::SeqCst) == 0 {
+                let (b, ns, handle) = (b.clone(), ns.clone(), handle.clone());
+                std::thread::spawn(move || {
+                    handle.block_on(b.update_keys(&ns, |files: &KeyFiles| {
+                        let mut files = files.clone();
+                        files.insert("from-b".to_owned(), b"b".to_vec());
+                        Ok::<_, K8sError>(files)
+                    }))
+                })
+                .join()
+                .unwrap()
+                .unwrap();
+            }
+            let mut files = files.clone();
+            files.insert("from-a".to_owned(), b"a".to_vec());
+            Ok::<_, K8sError>(files)
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "the 409 made it re-read and re-apply"
+    );
+    assert!(written.files.contains_key("from-a") && written.files.contains_key("from-b"));
+    let stored: Secret = Api::namespaced(admin, &ns).get(KEYS_SECRET).await.unwrap();
+    let data = stored.data.unwrap();
+    assert!(
+        data.contains_key("from-a")
+            && data.contains_key("from-b")
+            && data.contains_key("root-key.der")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fake_a_conflicting_update_is_retried() {
+    let fake = FakeApiServer::start().await.unwrap();
+    let a = replica(fake.config_for_token(fake.ca_token()).await.unwrap());
+    let b = replica(fake.config_for_token(fake.ca_token()).await.unwrap());
+    a_conflicting_update_is_retried(fake.client().await.unwrap(), a, b).await;
+    let puts = fake
+        .requests()
+        .iter()
+        .filter(|r| r.method == "PUT" && r.path.ends_with(KEYS_SECRET))
+        .count();
+    assert_eq!(puts, 3, "b's write, a's conflicting write, a's retry");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_a_conflicting_update_is_retried() {
+    let Some(real) = RealApiServer::shared().unwrap() else {
+        eprintln!("{SKIP_MESSAGE}");
+        return;
+    };
+    let a = replica(real.ca_config().await.unwrap());
+    let b = replica(real.ca_config().await.unwrap());
+    a_conflicting_update_is_retried(real.client().await.unwrap(), a, b).await;
+}
+
+/// The chart names (and grants RBAC on) exactly the objects the CA uses; its schema pins them.
+#[test]
+fn the_chart_names_the_objects_the_ca_uses() {
+    use meshward_ca::k8s::{BUNDLE_CONFIGMAP, ROTATION_LEASE};
+    let chart = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/helm/meshward");
+    let values = std::fs::read_to_string(chart.join("values.yaml")).unwrap();
+    let schema = std::fs::read_to_string(chart.join("values.schema.json")).unwrap();
+    for (key, name) in [
+        ("keySecretName", KEYS_SECRET),
+        ("bundleConfigMapName", BUNDLE_CONFIGMAP),
+        ("rotationLeaseName", ROTATION_LEASE),
+    ] {
+        assert!(
+            values.lines().any(|l| l.trim() == format!("{key}: {name}")),
+            "values.yaml must set `ca.{key}: {name}`"
+        );
+        assert!(
+            schema.contains(&format!("\"{key}\": {{\"const\": \"{name}\"")),
+            "values.schema.json must pin `ca.{key}` to `{name}`"
+        );
+    }
 }

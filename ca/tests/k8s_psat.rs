@@ -166,10 +166,16 @@ impl World {
         sa: &str,
         pod_uid: Option<&str>,
     ) -> Result<SpiffeId, IssueError> {
-        let pods = self.cluster.node_pods(&agent.node).await.unwrap();
+        // As the service does: the pod cache, and one live lookup for a pod it has not seen.
+        let id = self.workload(sa);
+        let pods = self
+            .cluster
+            .node_pods_for(&agent.node, [(id.as_str(), pod_uid)])
+            .await
+            .unwrap();
         let mut results = ca.issuer.mint_x509_with_pods(
             agent,
-            &[request(&self.workload(sa), pod_uid)],
+            &[request(&id, pod_uid)],
             Some(&pods),
             SystemTime::now(),
         );
@@ -306,10 +312,18 @@ async fn issuance_rules(world: &World) {
     );
     assert!(matches!(results[0], Err(IssueError::NotEntitled { .. })));
 
-    // The pod is deleted: its identity stops being issued at once.
+    // The pod is deleted: its identity stops being issued once the CA's pod watch delivers it.
     delete_pod_now(&world.admin, &world.ns, "web")
         .await
         .unwrap();
+    let app = SpiffeId::parse(&world.workload("app")).unwrap();
+    for _ in 0..600 {
+        let pods = world.cluster.node_pods(&world.node_a).await.unwrap();
+        if !pods.entitles(&app, None) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let err = world.mint(&ca, &agent, "app", None).await.unwrap_err();
     assert!(matches!(err, IssueError::NotEntitled { .. }), "{err:?}");
 }
@@ -400,10 +414,10 @@ async fn an_apiserver_failure_refuses_attestation_and_the_next_one_works() {
     assert!(matches!(err, K8sError::Api { .. }), "{err:?}");
     // The apiserver recovers: so does attestation.
     world.attest(&ca, &token).await.unwrap();
-    // Listing a node's pods fails: an error, never an empty (or stale) entitlement.
-    fake.fail_next_matching(1, 500, "/pods");
+    // The CA cannot list the cluster's pods: an error, never an empty (or stale) entitlement.
+    fake.fail_next_matching(100_000, 500, "/api/v1/pods");
     assert!(matches!(
         world.cluster.node_pods(&world.node_a).await,
-        Err(K8sError::Api { .. })
+        Err(K8sError::PodCache(_))
     ));
 }

@@ -1,6 +1,6 @@
 //! The `Ca` gRPC service in Kubernetes mode, called in-process against the fake API server: how the
-//! cluster's verdicts and failures reach agents, and that an apiserver failure refuses one call and
-//! leaves the CA serving.
+//! cluster's verdicts and failures reach agents, that an apiserver failure refuses one call and
+//! leaves the CA serving, and that a pod cache not yet synced refuses every mint.
 
 // A test crate: its helpers are not `#[test]` functions, so clippy's in-test allowances miss them.
 #![allow(
@@ -41,6 +41,7 @@ struct Env {
     admin: kube::Client,
     service: CaService,
     plain: CaService,
+    cluster: Cluster,
     ns: String,
     node_a: String,
     node_b: String,
@@ -81,8 +82,9 @@ impl Env {
             _dir: dir,
             fake,
             admin,
-            service: plain.clone().with_cluster(cluster),
+            service: plain.clone().with_cluster(cluster.clone()),
             plain,
+            cluster,
             ns,
             node_a,
             node_b,
@@ -225,15 +227,16 @@ async fn minting_over_the_service_follows_the_pods_on_the_agents_node() {
         pb::svid_result::Result::Error(e) => assert_eq!(e.code, "not_entitled"),
         other => panic!("expected a refusal, got {other:?}"),
     }
-    // The pod list fails: the call fails (closed), then the CA serves again.
-    env.fake.fail_next_matching(1, 500, "/pods");
-    assert_eq!(mint("app").await.unwrap_err().code(), Code::Unavailable);
-    assert!(matches!(
-        only_result(mint("app").await.unwrap().into_inner()),
-        pb::svid_result::Result::Svid(_)
-    ));
-    // Deleted: no more.
+    // Deleted: no more, once the CA's pod watch has delivered the delete.
     delete_pod_now(&env.admin, &env.ns, "web").await.unwrap();
+    let app_id = SpiffeId::parse(&env.workload("app")).unwrap();
+    for _ in 0..600 {
+        let pods = env.cluster.node_pods(&env.node_a).await.unwrap();
+        if !pods.entitles(&app_id, None) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     match only_result(mint("app").await.unwrap().into_inner()) {
         pb::svid_result::Result::Error(e) => assert_eq!(e.code, "not_entitled"),
         other => panic!("expected a refusal, got {other:?}"),
@@ -269,6 +272,46 @@ async fn minting_over_the_service_follows_the_pods_on_the_agents_node() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
+}
+
+#[tokio::test]
+async fn minting_before_the_pod_cache_has_synced_is_unavailable_and_issues_nothing() {
+    let env = Env::new().await;
+    let token = env.token("agent", "meshward-agent", &env.node_a).await;
+    let agent_id = format!("spiffe://{TD}/meshward/agent/k8s_psat/c1/{}", env.node_a);
+    let agent = env
+        .service
+        .attest(attest_request(&token, &agent_id))
+        .await
+        .unwrap()
+        .into_inner()
+        .svid
+        .unwrap();
+    env.running("web", "app", &env.node_a).await;
+    // The CA can never list the cluster's pods: its cache never syncs.
+    env.fake.fail_next_matching(100_000, 500, "/api/v1/pods");
+    let err = env
+        .service
+        .mint_x509_svids(as_agent(mint_request(&env.workload("app")), &agent))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("not yet synced"), "{err:?}");
+    let err = env
+        .service
+        .mint_jwt_svid(as_agent(
+            pb::MintJwtSvidRequest {
+                spiffe_id: env.workload("app"),
+                audience: vec!["shop".into()],
+                ttl_seconds: 0,
+                pod_uid: String::new(),
+            },
+            &agent,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(!env.cluster.pods_synced());
 }
 
 /// `meshward ca run --k8s --kubeconfig F --namespace NS`: the server connects with the kubeconfig and

@@ -4,6 +4,12 @@
 //! `docs/benchmarks.md`. Indexed: 100,000 decisions per size over 1,000 (principal, resource)
 //! pairs after warming the slice cache, plus the cold first decision of each pair. Plain Cedar:
 //! fewer decisions at large sizes, as each takes milliseconds.
+//!
+//! Instruction counts (repeatable on a loaded machine): build with `cargo bench -p
+//! meshward-proxy --bench authz_latency --no-run`, then run the binary it names with
+//! `--profile-decisions N [--policies P]` under `valgrind --tool=callgrind --collect-atstart=no
+//! --toggle-collect='*profile_decisions*'`: it warms the slice cache of a `P`-policy set
+//! (default 10,000) and makes `N` indexed decisions inside `profile_decisions` only.
 
 #![allow(missing_docs, clippy::expect_used, clippy::indexing_slicing)]
 
@@ -15,7 +21,28 @@ use std::time::{Duration, Instant};
 use meshward_proxy::authz::{AuthzRequest, Mode, PolicySet};
 
 fn main() {
-    // `cargo bench` passes `--bench`; there is nothing to configure.
+    // `cargo bench` passes `--bench`; `--profile-decisions N` is for callgrind (see above).
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(at) = args.iter().position(|a| a == "--profile-decisions") {
+        let n: usize = args
+            .get(at + 1)
+            .and_then(|n| n.parse().ok())
+            .expect("--profile-decisions takes a count");
+        // `--policies P` for another set size (the evaluated slice is the same at every size).
+        let size = args
+            .iter()
+            .position(|a| a == "--policies")
+            .and_then(|at| args.get(at + 1))
+            .map_or(10_000, |p| p.parse().expect("--policies takes a count"));
+        let set = support::policy_set(size);
+        let requests = support::requests(size);
+        for r in &requests {
+            black_box(set.decide(r, Mode::Enforce));
+        }
+        let allowed = profile_decisions(&set, &requests, n);
+        println!("{n} decisions at {size} policies, {allowed} allowed");
+        return;
+    }
     println!(
         "| policies | indexed p50 | indexed p99 | cold (first call per pair) p50 / p99 | plain Cedar p50 | plain Cedar p99 | p99 speed-up |"
     );
@@ -45,6 +72,17 @@ fn main() {
             p99.as_secs_f64() / w99.as_secs_f64()
         );
     }
+}
+
+/// `n` warm indexed decisions; its own function so callgrind can count only these.
+#[inline(never)]
+fn profile_decisions(set: &PolicySet, requests: &[AuthzRequest], n: usize) -> usize {
+    (0..n)
+        .filter(|k| {
+            set.decide(black_box(&requests[k % requests.len()]), Mode::Enforce)
+                .allowed
+        })
+        .count()
 }
 
 #[derive(Clone, Copy)]

@@ -1,28 +1,17 @@
-//! The admin port: `/metrics` (Prometheus text), `/ready`, `/live`.
+//! The proxy's admin port: `/metrics` (Prometheus text), `/ready`, `/live`.
 //!
-//! Plain HTTP/1.1: nothing here is secret (counts and an expiry time, never a peer or a path),
-//! and Prometheus and kubelet probes speak nothing else. Only `GET` and `HEAD` are answered.
+//! Served by [`meshward_ops::AdminEndpoint`], as every part's is; this module only says what the
+//! proxy puts behind it: its metrics, and a readiness check computed at each request.
 
-use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::Duration;
 
-use http::{Method, Request, Response, StatusCode, header};
-use http_body_util::Full;
-use hyper::body::{Bytes, Incoming};
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use meshward_ops::AdminEndpoint;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::ProxyMetrics;
 
-/// How long a client may take to send its request headers.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Answers whether the proxy is ready, computed at each request.
-pub type ReadyCheck = Arc<dyn Fn() -> bool + Send + Sync>;
+pub use meshward_ops::ReadyCheck;
 
 /// What the admin port serves.
 #[derive(Clone)]
@@ -34,125 +23,51 @@ pub struct Admin {
 }
 
 impl Admin {
-    /// Serves the admin port on `listener` until `shutdown` fires.
+    /// Serves the admin port on `listener` until `shutdown` fires (see [`AdminEndpoint::serve`]).
     pub async fn serve(self, listener: TcpListener, shutdown: CancellationToken) {
-        let this = Arc::new(self);
-        loop {
-            let stream = tokio::select! {
-                () = shutdown.cancelled() => return,
-                accepted = listener.accept() => match accepted {
-                    Ok((stream, _)) => stream,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "admin accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                },
-            };
-            let this = Arc::clone(&this);
-            let shutdown = shutdown.clone();
-            tokio::spawn(async move {
-                let service = service_fn(move |req: Request<Incoming>| {
-                    let this = Arc::clone(&this);
-                    async move { Ok::<_, Infallible>(this.respond(req.method(), req.uri().path())) }
-                });
-                let conn = http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(HEADER_READ_TIMEOUT)
-                    .serve_connection(TokioIo::new(stream), service);
-                tokio::pin!(conn);
-                let result = tokio::select! {
-                    result = conn.as_mut() => result,
-                    () = shutdown.cancelled() => {
-                        conn.as_mut().graceful_shutdown();
-                        conn.await
-                    }
-                };
-                if let Err(e) = result {
-                    tracing::debug!(error = %e, "admin connection failed");
-                }
-            });
-        }
+        self.endpoint().serve(listener, shutdown).await;
     }
 
-    /// Answers one request.
-    pub fn respond(&self, method: &Method, path: &str) -> Response<Full<Bytes>> {
-        if method != Method::GET && method != Method::HEAD {
-            return text(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "only GET and HEAD are allowed\n",
-            );
-        }
-        match path {
-            "/metrics" => {
-                let mut response = Response::new(Full::new(Bytes::from(self.metrics.encode())));
-                response.headers_mut().insert(
-                    header::CONTENT_TYPE,
-                    header::HeaderValue::from_static(
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    ),
-                );
-                response
-            }
-            "/ready" if (self.ready)() => text(StatusCode::OK, "ready\n"),
-            "/ready" => text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "not ready: no svid yet, or shutting down\n",
-            ),
-            "/live" => text(StatusCode::OK, "live\n"),
-            _ => text(
-                StatusCode::NOT_FOUND,
-                "not found: try /metrics, /ready or /live\n",
-            ),
-        }
+    fn endpoint(&self) -> AdminEndpoint {
+        let metrics = self.metrics.clone();
+        AdminEndpoint::new(Arc::new(move || metrics.encode()), Arc::clone(&self.ready))
+            .not_ready_reason("no svid yet, or shutting down")
     }
-}
-
-fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    response
 }
 
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicBool, Ordering};
 
+    use http::{Method, StatusCode};
+    use http_body_util::BodyExt as _;
+
     use super::*;
     use crate::policy_store::PolicyMetrics;
 
-    #[test]
-    fn ready_follows_the_check_and_other_requests_are_refused() {
+    // The endpoint itself (paths, methods, readiness, real HTTP, shutdown) is tested in
+    // `meshward-ops`; here, that the proxy's check and reason are what it serves.
+    #[tokio::test]
+    async fn ready_follows_the_check_and_says_why_not() {
         let flag = Arc::new(AtomicBool::new(false));
         let check = Arc::clone(&flag);
         let admin = Admin {
             metrics: ProxyMetrics::new(&PolicyMetrics::default()),
             ready: Arc::new(move || check.load(Ordering::Acquire)),
         };
-        assert_eq!(
-            admin.respond(&Method::GET, "/ready").status(),
-            StatusCode::SERVICE_UNAVAILABLE
-        );
+        let endpoint = admin.endpoint();
+        let response = endpoint.respond(&Method::GET, "/ready");
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"not ready: no svid yet, or shutting down\n");
         flag.store(true, Ordering::Release);
         assert_eq!(
-            admin.respond(&Method::GET, "/ready").status(),
+            endpoint.respond(&Method::GET, "/ready").status(),
             StatusCode::OK
         );
         assert_eq!(
-            admin.respond(&Method::GET, "/live").status(),
+            endpoint.respond(&Method::GET, "/metrics").status(),
             StatusCode::OK
-        );
-        assert_eq!(
-            admin.respond(&Method::POST, "/live").status(),
-            StatusCode::METHOD_NOT_ALLOWED
-        );
-        assert_eq!(
-            admin.respond(&Method::GET, "/x").status(),
-            StatusCode::NOT_FOUND
         );
     }
 }

@@ -12,12 +12,16 @@
 //! Cedar scans every policy it is given. At 10,000 policies that is milliseconds per call, so
 //! the set is indexed by each policy's principal and resource scope (`==` or `in` an entity,
 //! or unconstrained), and a request is evaluated only against the policies whose scopes can
-//! match its principal, resource and their ancestors (see `authz/index.rs`). The
-//! `indexed_decision_equals_full_cedar_decision` property test holds the index to Cedar's answer.
+//! match its principal, resource and their ancestors (see `authz/index.rs`). For each action of
+//! a pair, a plan (`authz/plan.rs`) then leaves out the policies whose action scope cannot
+//! match, evaluates once those that never read `context`, and gives Cedar only the rest, per
+//! request, with only the context attributes they mention. The
+//! `indexed_decision_equals_full_cedar_decision` property test holds all of it to Cedar's answer.
 
 pub mod cases;
 mod index;
 mod load;
+mod plan;
 mod request;
 
 use std::fmt;
@@ -115,14 +119,36 @@ impl Decision {
     /// Cedar's response, failing closed: any error turns it into a deny.
     pub(crate) fn from_response(response: &Response, mode: Mode) -> Self {
         let diagnostics = response.diagnostics();
-        let errors: Vec<String> = diagnostics.errors().map(ToString::to_string).collect();
-        let mut policies: Vec<String> = diagnostics.reason().map(ToString::to_string).collect();
-        policies.sort();
-        let allowed = response.decision() == CedarDecision::Allow && errors.is_empty();
-        if response.decision() == CedarDecision::Allow && !allowed {
-            // The permits Cedar found do not determine a deny; the errors do.
-            policies.clear();
+        let errors = diagnostics.errors().map(ToString::to_string).collect();
+        // Cedar's reasons are the satisfied permits of an allow, the satisfied forbids of a deny.
+        let reasons = diagnostics.reason().map(ToString::to_string).collect();
+        match response.decision() {
+            CedarDecision::Allow => Self::combine(reasons, Vec::new(), errors, mode),
+            CedarDecision::Deny => Self::combine(Vec::new(), reasons, errors, mode),
         }
+    }
+
+    /// The decision from the satisfied permits and forbids and the errors, as Cedar makes it
+    /// and failing closed: any satisfied forbid denies (naming them), else any error denies
+    /// (naming no policy), else any satisfied permit allows. Ids and errors are sorted, so the
+    /// order policies were evaluated in does not show (Cedar's errors are unordered).
+    pub(crate) fn combine(
+        mut permits: Vec<String>,
+        mut forbids: Vec<String>,
+        mut errors: Vec<String>,
+        mode: Mode,
+    ) -> Self {
+        errors.sort();
+        let (allowed, policies) = if !forbids.is_empty() {
+            forbids.sort();
+            (false, forbids)
+        } else if !permits.is_empty() && errors.is_empty() {
+            permits.sort();
+            (true, permits)
+        } else {
+            // With errors, the permits Cedar found do not determine a deny; the errors do.
+            (false, Vec::new())
+        };
         Self {
             allowed,
             policies,

@@ -75,8 +75,9 @@ pub struct ProxyConfig {
     pub limits: Limits,
     /// How often the policy directories are checked for changes.
     pub policy_poll_interval: Duration,
-    /// Worker threads of the proxy's async runtime (`None`: one per CPU). Read by the CLI, which
-    /// builds the runtime; [`start`](crate::start) runs on whatever runtime it is given.
+    /// Worker threads of the proxy's async runtime (`None`: one per CPU; 1: the current-thread
+    /// scheduler, see [`runtime`](crate::runtime())). Read by the CLI, which builds the runtime;
+    /// [`start`](crate::start) runs on whatever runtime it is given.
     pub worker_threads: Option<usize>,
     /// Offer HTTP/2 to HTTP upstreams over ALPN (the default); `false` offers only HTTP/1.1.
     pub upstream_http2: bool,
@@ -594,29 +595,10 @@ pub fn parse_outbound(setting: &ListenerSetting) -> Result<OutboundListener, Con
     })
 }
 
-/// Parses `250ms`, `10s`, `2m`, `1h`.
+/// Parses one duration setting (`250ms`, `10s`, `1m30s`, `7d`: see [`meshward_ops::duration`]).
 pub fn parse_duration(setting: &'static str, value: &str) -> Result<Duration, ConfigError> {
-    let bad = || {
-        invalid(
-            setting,
-            value.to_owned(),
-            "write a duration like `500ms`, `10s` or `2m`",
-        )
-    };
-    let trimmed = value.trim();
-    let split = trimmed
-        .find(|c: char| !c.is_ascii_digit())
-        .ok_or_else(bad)?;
-    let (number, unit) = trimmed.split_at(split);
-    let n: u64 = number.parse().map_err(|_| bad())?;
-    let duration = match unit {
-        "ms" => Duration::from_millis(n),
-        "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n.saturating_mul(60)),
-        "h" => Duration::from_secs(n.saturating_mul(3600)),
-        _ => return Err(bad()),
-    };
-    Ok(duration)
+    meshward_ops::duration::parse_duration(value)
+        .map_err(|e| invalid(setting, value.to_owned(), &e.to_string()))
 }
 
 fn parse_addr(setting: &'static str, value: &str) -> Result<SocketAddr, ConfigError> {
@@ -781,14 +763,28 @@ mod tests {
         ));
     }
 
+    // The syntax itself is tested in `meshward-ops` (duration/tests.rs); here, that a bad one
+    // names the setting and says why.
     #[test]
-    fn durations_parse() {
+    fn durations_parse_and_bad_ones_name_the_setting() {
         assert_eq!(
             parse_duration("x", "250ms").unwrap(),
             Duration::from_millis(250)
         );
         assert_eq!(parse_duration("x", "2m").unwrap(), Duration::from_secs(120));
-        assert!(parse_duration("x", "5").is_err());
-        assert!(parse_duration("x", "5d").is_err());
+        let err = parse_duration("drain_grace", "5").unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                ConfigError::Invalid { setting: "drain_grace", value, .. } if value == "5"
+            ),
+            "{err:?}"
+        );
+        assert_eq!(
+            err.to_string(),
+            "invalid `drain_grace` `5`: `5` has no unit; use `s`, `m`, `h` or `d` (e.g. `5s`)"
+        );
+        let err = parse_duration("drain_grace", "5w").unwrap_err();
+        assert!(err.to_string().contains("unknown unit `w`"), "{err}");
     }
 }

@@ -24,9 +24,11 @@ pub mod metrics;
 pub mod normalize;
 pub mod outbound;
 pub mod policy_store;
+pub mod runtime;
 pub mod server;
 pub mod tcp;
 pub mod xfcc;
 
 pub use config::ProxyConfig;
+pub use runtime::runtime;
 pub use server::{ProxyError, RunningProxy, run, start};

@@ -133,6 +133,31 @@ struct RunArgs {
     /// The agents' service account for `--k8s` (default `meshward:meshward-agent`).
     #[arg(long, env = "MESHWARD_CA_AGENT_SA", value_name = "NS:SA")]
     agent_sa: Option<String>,
+    /// Serve the injection webhook (`POST /inject`, HTTPS) on this address, e.g. `0.0.0.0:8443`.
+    #[arg(long, env = "MESHWARD_CA_WEBHOOK_LISTEN", value_name = "ADDR")]
+    webhook_listen: Option<String>,
+    /// The webhook's PEM serving certificate (then its intermediates); reread when it changes.
+    #[arg(long, env = "MESHWARD_CA_WEBHOOK_CERT", value_name = "FILE")]
+    webhook_cert: Option<PathBuf>,
+    /// The webhook's PEM private key; reread when it changes.
+    #[arg(long, env = "MESHWARD_CA_WEBHOOK_KEY", value_name = "FILE")]
+    webhook_key: Option<PathBuf>,
+    /// The image injected proxies run (default `meshward:<version>`).
+    #[arg(long, env = "MESHWARD_CA_INJECT_IMAGE", value_name = "IMAGE")]
+    inject_image: Option<String>,
+    /// The ConfigMap injected proxies mount their policy set from (default `meshward-policies`).
+    #[arg(
+        long,
+        env = "MESHWARD_CA_INJECT_POLICIES_CONFIGMAP",
+        value_name = "NAME"
+    )]
+    inject_policies_configmap: Option<String>,
+    /// The node directory holding the agent's socket (default `/run/meshward`).
+    #[arg(long, env = "MESHWARD_CA_INJECT_SOCKET_DIR", value_name = "DIR")]
+    inject_socket_dir: Option<String>,
+    /// Inject pods with `hostNetwork: true` too (by default they are denied).
+    #[arg(long, env = "MESHWARD_CA_INJECT_ALLOW_HOST_NETWORK")]
+    inject_allow_host_network: bool,
 }
 
 /// Where the running CA's admin socket is.
@@ -312,6 +337,13 @@ fn run_ca(args: RunArgs) -> Result<(), CaCliError> {
         namespace: args.namespace,
         cluster: args.cluster,
         agent_sa: args.agent_sa,
+        webhook_listen: args.webhook_listen,
+        webhook_cert: args.webhook_cert,
+        webhook_key: args.webhook_key,
+        inject_image: args.inject_image,
+        inject_policies_configmap: args.inject_policies_configmap,
+        inject_socket_dir: args.inject_socket_dir,
+        inject_allow_host_network: args.inject_allow_host_network.then_some(true),
         ..CaSettings::default()
     };
     let file = match &args.config {

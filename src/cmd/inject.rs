@@ -1,5 +1,7 @@
 //! `meshward inject`: adds the meshward proxy to every pod template of a Kubernetes manifest.
 //!
+//! A thin CLI over `meshward_inject` (the CA's `/inject` webhook uses the same code).
+//!
 //! Reads a multi-document YAML stream (a file or stdin) and writes it back with the proxy added,
 //! as a Kubernetes native sidecar (an init container with `restartPolicy: Always` whose startup
 //! probe is the proxy's `/ready`), so the app containers start only once the proxy holds an SVID
@@ -22,20 +24,17 @@
 //! nothing on stdout; 64 bad flags; 66 the input file cannot be opened; 74 reading or writing
 //! failed.
 
-mod document;
-mod sidecar;
-
-use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{self, Read, Write as _};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Args;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use meshward_inject::{
+    DEFAULT_IMAGE, DEFAULT_POLICIES_CONFIG_MAP, DEFAULT_SOCKET_DIR, InjectOptions,
+    check_config_map_name, check_image, check_socket_dir, inject,
+};
 
-use self::document::{Document, Value};
-use self::sidecar::{Outcome, Workload};
 use super::{EX_IOERR, EX_NO, EX_NOINPUT};
 
 /// `meshward inject [FILE]`
@@ -45,161 +44,17 @@ pub struct InjectArgs {
     #[arg(value_name = "FILE")]
     file: Option<PathBuf>,
     /// The meshward image the proxy runs.
-    #[arg(long, env = "MESHWARD_INJECT_IMAGE", value_name = "IMAGE", default_value = DEFAULT_IMAGE, value_parser = image)]
+    #[arg(long, env = "MESHWARD_INJECT_IMAGE", value_name = "IMAGE", default_value = DEFAULT_IMAGE, value_parser = check_image)]
     image: String,
     /// The ConfigMap (in the workload's namespace) holding the `*.cedar` policy set.
-    #[arg(long, env = "MESHWARD_INJECT_POLICIES_CONFIGMAP", value_name = "NAME", default_value = "meshward-policies", value_parser = config_map_name)]
+    #[arg(long, env = "MESHWARD_INJECT_POLICIES_CONFIGMAP", value_name = "NAME", default_value = DEFAULT_POLICIES_CONFIG_MAP, value_parser = check_config_map_name)]
     policies_configmap: String,
     /// The node directory holding the agent's socket (`agent.sock`), mounted read-only.
-    #[arg(long, env = "MESHWARD_INJECT_SOCKET_DIR", value_name = "DIR", default_value = "/run/meshward", value_parser = socket_dir)]
+    #[arg(long, env = "MESHWARD_INJECT_SOCKET_DIR", value_name = "DIR", default_value = DEFAULT_SOCKET_DIR, value_parser = check_socket_dir)]
     socket_dir: String,
     /// Inject pods with `hostNetwork: true` too (the proxy's ports then bind on the node).
     #[arg(long, env = "MESHWARD_INJECT_ALLOW_HOST_NETWORK")]
     allow_host_network: bool,
-}
-
-/// The image `--image` defaults to: this build's version.
-pub const DEFAULT_IMAGE: &str = concat!("meshward:", env!("CARGO_PKG_VERSION"));
-
-/// How to inject.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct InjectOptions {
-    /// The meshward image the proxy runs.
-    pub image: String,
-    /// The ConfigMap holding the policy set, in the workload's namespace.
-    pub policies_config_map: String,
-    /// The node directory with the agent's socket (absolute).
-    pub socket_dir: String,
-    /// Whether pods with `hostNetwork: true` are injected rather than refused.
-    pub allow_host_network: bool,
-}
-
-impl Default for InjectOptions {
-    fn default() -> Self {
-        InjectOptions {
-            image: DEFAULT_IMAGE.to_owned(),
-            policies_config_map: "meshward-policies".to_owned(),
-            socket_dir: "/run/meshward".to_owned(),
-            allow_host_network: false,
-        }
-    }
-}
-
-/// Why a manifest was refused.
-#[derive(Debug, thiserror::Error)]
-pub enum InjectError {
-    /// A document is not YAML.
-    #[error("document {document} is not valid YAML (line {line}): {reason}")]
-    Yaml {
-        /// 1-based index of the (non-empty) document.
-        document: usize,
-        /// 1-based line in the input.
-        line: usize,
-        /// The parser's message, on one line.
-        reason: String,
-    },
-    /// A workload's pod template does not have the shape Kubernetes gives it.
-    #[error("{workload}: {reason}")]
-    Template {
-        /// Which workload.
-        workload: String,
-        /// What is wrong.
-        reason: String,
-    },
-    /// A pod on the node's network, without `--allow-host-network`.
-    #[error(
-        "{workload} uses `hostNetwork: true`, so the proxy's ports would bind on the node: pass --allow-host-network to inject it anyway, or annotate it `meshward.io/inject: \"false\"`"
-    )]
-    HostNetwork {
-        /// Which workload.
-        workload: String,
-    },
-    /// A meshward annotation with a value that cannot be used.
-    #[error("{workload}: annotation `{key}: {value}` is invalid: {reason}")]
-    Annotation {
-        /// Which workload.
-        workload: String,
-        /// The annotation.
-        key: &'static str,
-        /// Its value.
-        value: String,
-        /// What is wrong with it.
-        reason: String,
-    },
-    /// No inbound or outbound listener can be derived.
-    #[error(
-        "{workload}: nothing for the proxy to listen on: give a container a `containerPort`, or annotate the pod template with `meshward.io/inbound` or `meshward.io/outbound`"
-    )]
-    NoListener {
-        /// Which workload.
-        workload: String,
-    },
-    /// The workload already uses a port or name that the proxy needs.
-    #[error("{workload}: {what} `{name}` is already used by the workload, and the proxy needs it")]
-    Conflict {
-        /// Which workload.
-        workload: String,
-        /// `port`, `port name`, `volume name`, or `proxy port` (two listeners on one port).
-        what: &'static str,
-        /// The port or name.
-        name: String,
-    },
-    /// A changed document could not be printed back.
-    #[error("cannot print document {document}: {reason}")]
-    Print {
-        /// 1-based index of the document.
-        document: usize,
-        /// The printer's message.
-        reason: String,
-    },
-    /// The proxy's own objects could not be encoded (a bug, not bad input).
-    #[error("cannot encode the proxy container: {0}")]
-    Encode(String),
-}
-
-/// Injects the proxy into every pod template of the YAML stream `input`.
-///
-/// Nothing is returned unless every document was handled: an error names the first document
-/// that was refused.
-pub fn inject(input: &str, options: &InjectOptions) -> Result<String, InjectError> {
-    let mut out = String::with_capacity(input.len() + input.len() / 2);
-    let mut number = 0;
-    for doc in document::split(input) {
-        if doc.is_empty() {
-            out.push_str(&doc.marker);
-            out.push_str(&doc.body);
-            continue;
-        }
-        number += 1;
-        let mut value = parse(&doc, number)?;
-        if inject_object(&mut value, number, None, options)? {
-            // A node written on the marker line is now part of the printed body.
-            if doc.marker.starts_with("---") {
-                out.push_str("---\n");
-            } else {
-                out.push_str(&doc.marker);
-            }
-            // The comments heading the document stay; those inside it cannot be placed again.
-            out.push_str(leading_comments(&doc.body));
-            let mut style = serde_saphyr::SerializerOptions::default();
-            // `- item` indented under its key, as Kubernetes docs and this repository write it.
-            style.compact_list_indent = false;
-            let printed = serde_saphyr::to_string_with_options(&value, style).map_err(|e| {
-                InjectError::Print {
-                    document: number,
-                    reason: one_line(&e.to_string()),
-                }
-            })?;
-            out.push_str(&printed);
-            if !printed.ends_with('\n') {
-                out.push('\n');
-            }
-        } else {
-            out.push_str(&doc.marker);
-            out.push_str(&doc.body);
-        }
-    }
-    Ok(out)
 }
 
 /// Runs `meshward inject` and says how it ended.
@@ -250,154 +105,7 @@ fn fail(code: u8, error: &dyn std::fmt::Display) -> ExitCode {
     ExitCode::from(code)
 }
 
-fn parse(doc: &Document, number: usize) -> Result<Value, InjectError> {
-    let mut options = serde_saphyr::Options::default();
-    // The tree's own visitor refuses duplicate keys, with a message that names the key.
-    options.duplicate_keys = serde_saphyr::DuplicateKeyPolicy::PassThrough;
-    serde_saphyr::from_str_with_options::<Value>(&doc.source(), options).map_err(|e| {
-        let location = e.location();
-        let row = location.map_or(1, |l| usize::try_from(l.line()).unwrap_or(1));
-        let mut reason = one_line(&e.without_snippet().to_string());
-        // The parser places errors within the document; the line of the whole input is given
-        // instead, so drop its own ` at line L, column C`.
-        if let Some(l) = location {
-            let suffix = format!(" at line {}, column {}", l.line(), l.column());
-            if let Some(stripped) = reason.strip_suffix(&suffix) {
-                reason = format!("{stripped} (column {})", l.column());
-            }
-        }
-        InjectError::Yaml {
-            document: number,
-            line: doc.source_first_line() + row.saturating_sub(1),
-            reason,
-        }
-    })
-}
-
-/// Injects one object (or the items of a `List`); says whether anything changed.
-fn inject_object(
-    value: &mut Value,
-    document: usize,
-    item: Option<usize>,
-    options: &InjectOptions,
-) -> Result<bool, InjectError> {
-    let Some(kind) = value.get("kind").and_then(Value::as_str).map(str::to_owned) else {
-        return Ok(false);
-    };
-    let api_version = value
-        .get("apiVersion")
-        .and_then(Value::as_str)
-        .unwrap_or("");
-    let group = api_version.rsplit_once('/').map_or("", |(group, _)| group);
-    let template_path: &[&str] = match (group, kind.as_str()) {
-        ("", "List") if item.is_none() => {
-            let mut changed = false;
-            if let Some(Value::Seq(items)) = value.get_mut("items") {
-                for (index, object) in items.iter_mut().enumerate() {
-                    changed |= inject_object(object, document, Some(index + 1), options)?;
-                }
-            }
-            return Ok(changed);
-        }
-        ("", "Pod") => &[],
-        ("", "PodTemplate") => &["template"],
-        ("", "ReplicationController")
-        | ("apps", "Deployment" | "StatefulSet" | "DaemonSet" | "ReplicaSet")
-        | ("batch", "Job") => &["spec", "template"],
-        ("batch", "CronJob") => &["spec", "jobTemplate", "spec", "template"],
-        // Anything else, including a custom resource that reuses a built-in kind name.
-        _ => return Ok(false),
-    };
-
-    let mut workload = Workload {
-        document,
-        item,
-        kind,
-        name: "(unnamed)".to_owned(),
-        template_path: template_path.join("."),
-    };
-    let meta: ObjectMeta = match value.get("metadata") {
-        Some(meta) => sidecar::typed(meta, &workload, "metadata")?,
-        None => ObjectMeta::default(),
-    };
-    if let Some(name) = meta.name.as_deref().or(meta.generate_name.as_deref()) {
-        workload.name = match meta.namespace.as_deref() {
-            Some(namespace) => format!("{namespace}/{name}"),
-            None => name.to_owned(),
-        };
-    }
-    // A bare Pod's own annotations are its template's; nothing is inherited.
-    let owner: BTreeMap<String, String> = if template_path.is_empty() {
-        BTreeMap::new()
-    } else {
-        meta.annotations.unwrap_or_default()
-    };
-
-    let mut template = value;
-    for key in template_path {
-        template = template.get_mut(key).ok_or_else(|| InjectError::Template {
-            workload: workload.to_string(),
-            reason: format!("there is no pod template at `{}`", workload.template_path),
-        })?;
-    }
-    let outcome = sidecar::inject_template(template, &owner, &workload, options)?;
-    Ok(outcome == Outcome::Injected)
-}
-
-/// The comment and blank lines that open `body`, when its node starts on a later line.
-fn leading_comments(body: &str) -> &str {
-    let mut end = 0;
-    for line in body.split_inclusive('\n') {
-        let trimmed = line.trim();
-        if !(trimmed.is_empty() || trimmed.starts_with('#')) {
-            break;
-        }
-        end += line.len();
-    }
-    body.get(..end).unwrap_or_default()
-}
-
 /// Collapses a possibly multi-line message into one line.
 fn one_line(message: &str) -> String {
     message.split_whitespace().collect::<Vec<_>>().join(" ")
 }
-
-fn image(value: &str) -> Result<String, String> {
-    if value.is_empty() || value.chars().any(char::is_whitespace) {
-        return Err(format!(
-            "image `{value}` must be a non-empty reference without spaces"
-        ));
-    }
-    Ok(value.to_owned())
-}
-
-/// A ConfigMap name is a DNS subdomain: lower-case letters, digits, `-` and `.`, <= 253 chars.
-fn config_map_name(value: &str) -> Result<String, String> {
-    let ok = !value.is_empty()
-        && value.len() <= 253
-        && value
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
-        && value.starts_with(|c: char| c.is_ascii_alphanumeric())
-        && value.ends_with(|c: char| c.is_ascii_alphanumeric());
-    if ok {
-        Ok(value.to_owned())
-    } else {
-        Err(format!(
-            "configmap name `{value}` is not a DNS subdomain (lower-case letters, digits, `-`, `.`)"
-        ))
-    }
-}
-
-fn socket_dir(value: &str) -> Result<String, String> {
-    let trimmed = value.trim_end_matches('/');
-    if !value.starts_with('/') || trimmed.is_empty() {
-        return Err(format!(
-            "socket dir `{value}` must be an absolute path other than `/`"
-        ));
-    }
-    Ok(trimmed.to_owned())
-}
-
-#[cfg(test)]
-mod tests;

@@ -162,13 +162,7 @@ pub fn run(args: ProxyArgs) -> anyhow::Result<ExitCode> {
         Ok(config) => config,
         Err(e) => return Ok(fail(EX_USAGE, &e)),
     };
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    if let Some(threads) = config.worker_threads {
-        runtime.worker_threads(threads);
-    }
-    let runtime = runtime
-        .enable_all()
-        .build()
+    let runtime = meshward_proxy::runtime(config.worker_threads)
         .map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))?;
     let outcome = runtime.block_on(async {
         let shutdown = CancellationToken::new();

@@ -232,7 +232,7 @@ fn rfc3339(t: SystemTime) -> String {
 }
 
 fn parse_timeout(text: &str) -> Result<Duration, String> {
-    let timeout = meshward_agent::config::parse_duration(text)?;
+    let timeout = meshward_agent::config::parse_duration(text).map_err(|e| e.to_string())?;
     if timeout.is_zero() {
         return Err("the timeout must be longer than zero".into());
     }

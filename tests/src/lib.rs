@@ -119,6 +119,12 @@ impl CaOptions {
         self
     }
 
+    /// An extra `meshward ca run` switch without a value, e.g. `--k8s`.
+    pub fn flag(mut self, flag: &str) -> Self {
+        self.args.push(flag.to_owned());
+        self
+    }
+
     /// An extra `meshward ca run` flag and its value, e.g. `("--agent-svid-ttl", "30s")`.
     pub fn arg(mut self, flag: &str, value: &str) -> Self {
         self.args.push(flag.to_owned());

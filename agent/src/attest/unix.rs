@@ -4,6 +4,10 @@
 //! them), `user:<name>`, `group:<name>` (from `/etc/passwd` and `/etc/group`, when the id has a
 //! name), `path:<binary>` (`/proc/<pid>/exe`), `sha256:<hex>` (of the binary the process runs).
 //!
+//! `sha256:` is the one costly selector: it is produced only when [`Wanted::binary_hash`] says an
+//! entry of the node selects on it, and each version of a binary (device, inode, size, mtime,
+//! ctime) is hashed once, then taken from a cache.
+//!
 //! Pid reuse: a pid from the socket's credentials may belong to another process by the time it is
 //! read. The process's start time (`/proc/<pid>/stat` field 22) is read before everything else and
 //! again after; if it changed, the pid was reused and attestation fails ([`AttestError::PidReused`]);
@@ -16,14 +20,18 @@ use std::fs::File;
 use std::io::{self, Read};
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use ring::digest;
 
-use super::{AttestError, AttestFuture, Attestor, Selector};
+use super::{AttestError, AttestFuture, Attestor, Selector, Wanted};
 
 /// The selector kind of this attestor.
 pub const KIND: &str = "unix";
+
+/// How the value of the binary-hash selector starts (`unix:sha256:<hex>`).
+pub const SHA256_PREFIX: &str = "sha256:";
 
 /// Hashes kept at most; past this the cache starts over (binaries on a node are few).
 const MAX_CACHED_HASHES: usize = 4_096;
@@ -38,6 +46,7 @@ pub struct UnixAttestor {
     passwd: PathBuf,
     group: PathBuf,
     hashes: Arc<Mutex<HashMap<FileKey, String>>>,
+    hashed: Arc<AtomicU64>,
 }
 
 /// Identifies one version of a file: a rewrite changes `ctime` (which, unlike `mtime`, a user cannot
@@ -68,17 +77,38 @@ impl UnixAttestor {
             passwd: passwd.into(),
             group: group.into(),
             hashes: Arc::new(Mutex::new(HashMap::new())),
+            hashed: Arc::new(AtomicU64::new(0)),
         }
     }
 
     /// Attests `pid` on the calling thread (it reads files and may hash a large binary).
     pub fn attest_blocking(&self, pid: i32) -> Result<Vec<Selector>, AttestError> {
-        self.attest_between(pid, &|| {})
+        self.attest_blocking_wanted(pid, Wanted::ALL)
     }
 
-    /// As [`Self::attest_blocking`], calling `between` after the first start-time read: tests use
-    /// it to make the process exit, or its pid be reused, in the middle of an attestation.
-    fn attest_between(&self, pid: i32, between: &dyn Fn()) -> Result<Vec<Selector>, AttestError> {
+    /// As [`Self::attest_blocking`], with `sha256:` only if `wanted` asks for it.
+    pub fn attest_blocking_wanted(
+        &self,
+        pid: i32,
+        wanted: Wanted,
+    ) -> Result<Vec<Selector>, AttestError> {
+        self.attest_between(pid, wanted, &|| {})
+    }
+
+    /// How many binaries this attestor (and its clones) read and hashed: cache hits and
+    /// attestations that did not want the hash do not count.
+    pub fn binaries_hashed(&self) -> u64 {
+        self.hashed.load(Ordering::Relaxed)
+    }
+
+    /// As [`Self::attest_blocking_wanted`], calling `between` after the first start-time read:
+    /// tests use it to make the process exit, or its pid be reused, in the middle of an attestation.
+    fn attest_between(
+        &self,
+        pid: i32,
+        wanted: Wanted,
+        between: &dyn Fn(),
+    ) -> Result<Vec<Selector>, AttestError> {
         if pid <= 0 {
             return Err(AttestError::BadPid(pid));
         }
@@ -89,7 +119,11 @@ impl UnixAttestor {
         let (uid, gid) = effective_ids(pid, &dir)?;
         let exe_link = dir.join("exe");
         let path = std::fs::read_link(&exe_link).map_err(|e| io_error(pid, &exe_link, e))?;
-        let sha256 = self.binary_sha256(pid, &exe_link)?;
+        let sha256 = if wanted.binary_hash() {
+            Some(self.binary_sha256(pid, &exe_link)?)
+        } else {
+            None
+        };
 
         // INVARIANT: everything above describes the process that started at `started`; if the pid
         // now names another process (or none), none of it may be used.
@@ -101,8 +135,10 @@ impl UnixAttestor {
             Selector::new(KIND, format!("uid:{uid}")),
             Selector::new(KIND, format!("gid:{gid}")),
             Selector::new(KIND, format!("path:{}", path.display())),
-            Selector::new(KIND, format!("sha256:{sha256}")),
         ];
+        if let Some(sha256) = sha256 {
+            selectors.push(Selector::new(KIND, format!("{SHA256_PREFIX}{sha256}")));
+        }
         if let Some(user) = name_of(&self.passwd, uid) {
             selectors.push(Selector::new(KIND, format!("user:{user}")));
         }
@@ -138,6 +174,7 @@ impl UnixAttestor {
             context.update(buffer.get(..n).unwrap_or_default());
         }
         let hex = hex::encode(context.finish().as_ref());
+        self.hashed.fetch_add(1, Ordering::Relaxed);
         let mut cache = self.cache();
         if cache.len() >= MAX_CACHED_HASHES {
             cache.clear();
@@ -166,9 +203,13 @@ impl Attestor for UnixAttestor {
     }
 
     fn attest(&self, pid: i32) -> AttestFuture<'_> {
+        self.attest_wanted(pid, Wanted::ALL)
+    }
+
+    fn attest_wanted(&self, pid: i32, wanted: Wanted) -> AttestFuture<'_> {
         let this = self.clone();
         Box::pin(async move {
-            tokio::task::spawn_blocking(move || this.attest_blocking(pid))
+            tokio::task::spawn_blocking(move || this.attest_blocking_wanted(pid, wanted))
                 .await
                 .map_err(|e| AttestError::Internal {
                     pid,

@@ -323,6 +323,7 @@ fn an_entry_without_selectors_matches_nothing() {
             svid: None,
         }],
         synced: true,
+        wanted: Wanted::CHEAP,
     };
     assert!(snapshot.matching(&[sel("unix:uid:0")]).is_empty());
 }
@@ -334,4 +335,124 @@ fn jitter_stays_below_its_bound() {
         assert!(jitter(&rng, Duration::from_secs(3)) < Duration::from_secs(3));
     }
     assert_eq!(jitter(&rng, Duration::ZERO), Duration::ZERO);
+}
+
+/// This test process's selectors through the given attestor, matched against `snapshot` the way
+/// the Workload API does it.
+async fn attest_me(
+    unix: &crate::attest::unix::UnixAttestor,
+    snapshot: &CacheSnapshot,
+) -> Vec<Selector> {
+    let attestors = crate::attest::Attestors::new(vec![Arc::new(unix.clone())]);
+    attestors
+        .attest_for(i32::try_from(std::process::id()).unwrap(), snapshot)
+        .await
+        .unwrap()
+}
+
+fn my_uid_selector() -> String {
+    use std::os::unix::fs::MetadataExt as _;
+    format!(
+        "unix:uid:{}",
+        std::fs::metadata("/proc/self").unwrap().uid()
+    )
+}
+
+#[tokio::test]
+async fn a_sha256_entry_matches_the_right_binary_only() {
+    let exe = std::fs::read_link("/proc/self/exe").unwrap();
+    let right = hex::encode(
+        ring::digest::digest(&ring::digest::SHA256, &std::fs::read(&exe).unwrap()).as_ref(),
+    );
+    let wrong = "0".repeat(64);
+    let uid = my_uid_selector();
+    let ca = TestCa::start(HOUR, HOUR).await;
+    let good = ca
+        .entry("hashed", "node-1", &[&uid, &format!("unix:sha256:{right}")])
+        .await;
+    ca.entry(
+        "wrong-hash",
+        "node-1",
+        &[&uid, &format!("unix:sha256:{wrong}")],
+    )
+    .await;
+    let running = run_cache(&ca, "node-1").await;
+    let snapshot = running.synced().await;
+    assert_eq!(snapshot.wanted, Wanted::ALL);
+
+    let unix = crate::attest::unix::UnixAttestor::new();
+    let selectors = attest_me(&unix, &snapshot).await;
+    let matched: Vec<&str> = snapshot
+        .matching(&selectors)
+        .iter()
+        .map(|e| e.entry_id.as_str())
+        .collect();
+    assert_eq!(matched, vec![good.as_str()], "{selectors:?}");
+    assert_eq!(unix.binaries_hashed(), 1);
+    running.shutdown().await;
+}
+
+#[tokio::test]
+async fn without_a_sha256_entry_no_binary_is_hashed() {
+    let uid = my_uid_selector();
+    let ca = TestCa::start(HOUR, HOUR).await;
+    let mine = ca.entry("by-uid", "node-1", &[&uid]).await;
+    ca.entry(
+        "other",
+        "node-1",
+        &["unix:uid:4000000", "unix:path:/usr/bin/x"],
+    )
+    .await;
+    let running = run_cache(&ca, "node-1").await;
+    // Before the entries are known anything may be needed.
+    let before = running.cache.current();
+    if !before.synced {
+        assert_eq!(before.wanted, Wanted::ALL);
+    }
+    let snapshot = running.synced().await;
+    assert_eq!(snapshot.wanted, Wanted::CHEAP);
+
+    let unix = crate::attest::unix::UnixAttestor::new();
+    let selectors = attest_me(&unix, &snapshot).await;
+    assert!(
+        !selectors.iter().any(|s| s.value.starts_with("sha256:")),
+        "{selectors:?}"
+    );
+    let matched: Vec<&str> = snapshot
+        .matching(&selectors)
+        .iter()
+        .map(|e| e.entry_id.as_str())
+        .collect();
+    assert_eq!(matched, vec![mine.as_str()]);
+    assert_eq!(unix.binaries_hashed(), 0);
+    running.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_caller_matching_nothing_is_attested_in_full() {
+    // It may be waiting for an entry not synced yet, and that entry may select on the hash.
+    let ca = TestCa::start(HOUR, HOUR).await;
+    ca.entry("other", "node-1", &["unix:uid:4000000"]).await;
+    let running = run_cache(&ca, "node-1").await;
+    let snapshot = running.synced().await;
+    assert_eq!(snapshot.wanted, Wanted::CHEAP);
+    let unix = crate::attest::unix::UnixAttestor::new();
+    let selectors = attest_me(&unix, &snapshot).await;
+    assert!(
+        selectors.iter().any(|s| s.value.starts_with("sha256:")),
+        "{selectors:?}"
+    );
+    assert_eq!(unix.binaries_hashed(), 1);
+    running.shutdown().await;
+}
+
+#[test]
+fn early_renewals_ride_along_within_a_tenth_of_the_jitter_range() {
+    // 30 s SVIDs: jitter over 3 s, so riding along is limited to 0.3 s (not the 5 s window,
+    // which would gather a thousand SVIDs minted together into one batch at every renewal).
+    assert_eq!(ride_along(SHORT), Duration::from_millis(300));
+    assert!(ride_along(SHORT) <= SHORT / 10 / 10);
+    // Long SVIDs: the window caps it.
+    assert_eq!(ride_along(HOUR), RENEW_BATCH_WINDOW);
+    assert_eq!(ride_along(Duration::ZERO), Duration::ZERO);
 }

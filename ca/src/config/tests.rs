@@ -17,55 +17,6 @@ fn invalid_setting(err: ConfigError) -> &'static str {
 }
 
 #[test]
-fn durations_parse() {
-    assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
-    assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
-    assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
-    assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86_400)));
-    assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-    assert_eq!(parse_duration(" 24h "), Ok(Duration::from_secs(86_400)));
-}
-
-#[test]
-fn bad_durations_are_refused() {
-    assert_eq!(parse_duration(""), Err(DurationError::Empty));
-    assert_eq!(
-        parse_duration("30"),
-        Err(DurationError::NoUnit("30".into()))
-    );
-    assert_eq!(
-        parse_duration("3w"),
-        Err(DurationError::UnknownUnit("w".into()))
-    );
-    assert_eq!(
-        parse_duration("h"),
-        Err(DurationError::ExpectedNumber("h".into()))
-    );
-    assert_eq!(
-        parse_duration("1h-2m"),
-        Err(DurationError::ExpectedNumber("-2m".into()))
-    );
-    assert_eq!(
-        parse_duration("-1s"),
-        Err(DurationError::ExpectedNumber("-1s".into()))
-    );
-    assert_eq!(
-        parse_duration("99999999999999999999s"),
-        Err(DurationError::Overflow)
-    );
-    assert_eq!(parse_duration("5000000000d"), Err(DurationError::Overflow));
-}
-
-#[test]
-fn durations_round_trip_through_display() {
-    for d in [30, 90, 3600, 5400, 86_400, 90_061] {
-        let d = Duration::from_secs(d);
-        assert_eq!(parse_duration(&format_duration(d)), Ok(d));
-    }
-    assert_eq!(format_duration(Duration::from_secs(5400)), "1h30m");
-}
-
-#[test]
 fn defaults_fill_the_gaps() {
     let config = settings().into_config().unwrap();
     assert_eq!(config.svid_ttl, DEFAULT_SVID_TTL);

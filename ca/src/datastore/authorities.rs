@@ -34,6 +34,11 @@ pub enum AuthorityState {
 }
 
 impl AuthorityState {
+    /// The state named `s` (`prepared`, `active`, `old`, `retired`), if any.
+    pub fn from_name(s: &str) -> Option<Self> {
+        Self::parse(s)
+    }
+
     /// The name in the API (`prepared`, `active`, `old`, `retired`).
     pub fn as_str(self) -> &'static str {
         match self {
@@ -364,6 +369,109 @@ impl Datastore {
             .doing("raise an authority's signed-until")?;
             Ok(())
         })
+    }
+}
+
+/// One authority as the Kubernetes keys Secret describes it (see `keystore::shared`): what
+/// [`Datastore::mirror_authorities`] makes the local table hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MirroredAuthority {
+    /// Its id (must match the certificate's).
+    pub id: String,
+    /// Its state.
+    pub state: AuthorityState,
+    /// Its certificate, DER.
+    pub certificate: Vec<u8>,
+    /// The latest notAfter any replica reported signing with it.
+    pub signed_until: SystemTime,
+    /// When it was prepared.
+    pub created_at: SystemTime,
+}
+
+impl Datastore {
+    /// Makes the authorities table hold exactly `authorities` (Kubernetes mode, where the keys Secret
+    /// is the source of truth and this table a local copy), in one transaction. A row's
+    /// `signed_until` is only ever raised: what this replica signed stays recorded.
+    pub fn mirror_authorities(
+        &self,
+        authorities: &[MirroredAuthority],
+    ) -> Result<(), AuthorityError> {
+        let parsed = authorities
+            .iter()
+            .map(|a| {
+                let cert = parse_certificate(&a.certificate)?;
+                if cert.id != a.id {
+                    return Err(AuthorityError::BadCertificate {
+                        reason: format!(
+                            "authority `{}` has the certificate of `{}`",
+                            a.id, cert.id
+                        ),
+                    });
+                }
+                Ok((a, cert))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        self.write("mirror the authorities", |tx| {
+            let keep: Vec<&str> = authorities.iter().map(|a| a.id.as_str()).collect();
+            let existing: Vec<String> = tx
+                .prepare_cached("SELECT id FROM authorities")
+                .doing("mirror the authorities")?
+                .query_map([], |row| row.get(0))
+                .doing("mirror the authorities")?
+                .collect::<Result<_, _>>()
+                .doing("mirror the authorities")?;
+            for id in existing.iter().filter(|id| !keep.contains(&id.as_str())) {
+                tx.execute("DELETE FROM authorities WHERE id = ?1", params![id])
+                    .doing("mirror the authorities")?;
+            }
+            // 'old' has no unique index: park every row there so the upserts below never see two
+            // active (or prepared) rows at once, whatever order they come in.
+            tx.execute("UPDATE authorities SET state = 'old'", [])
+                .doing("mirror the authorities")?;
+            for (a, cert) in &parsed {
+                tx.execute(
+                    "INSERT INTO authorities (id, state, certificate, not_before, not_after, signed_until, created_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                     ON CONFLICT (id) DO UPDATE SET state = excluded.state,
+                         signed_until = MAX(signed_until, excluded.signed_until)",
+                    params![
+                        a.id,
+                        a.state.as_str(),
+                        a.certificate,
+                        cert.not_before,
+                        cert.not_after,
+                        unix_seconds(a.signed_until),
+                        unix_seconds(a.created_at)
+                    ],
+                )
+                .doing("mirror the authorities")?;
+            }
+            Ok(())
+        })
+    }
+
+    /// The latest notAfter this datastore knows `id` signed: its row's `signed_until` or the
+    /// journal's latest entry, whichever is later (the epoch if neither).
+    pub fn local_signed_until(&self, id: &str) -> Result<SystemTime, DatastoreError> {
+        let secs = self.read(|conn| -> Result<i64, DatastoreError> {
+            let row: Option<i64> = conn
+                .query_row(
+                    "SELECT signed_until FROM authorities WHERE id = ?1",
+                    params![id],
+                    |row| row.get(0),
+                )
+                .optional()
+                .doing("read an authority's signed-until")?;
+            let journal: Option<i64> = conn
+                .query_row(
+                    "SELECT MAX(not_after) FROM issued WHERE authority = ?1",
+                    params![id],
+                    |row| row.get(0),
+                )
+                .doing("find an authority's latest notAfter")?;
+            Ok(row.unwrap_or(0).max(journal.unwrap_or(0)))
+        })?;
+        Ok(from_unix_seconds(secs))
     }
 }
 

@@ -78,6 +78,19 @@ impl Cluster {
         }
     }
 
+    /// Who holds the rotation Lease in `namespace` now (`None`: nobody, or it does not exist).
+    pub async fn rotation_lease_holder(&self, namespace: &str) -> Result<Option<String>, K8sError> {
+        let api: Api<Lease> = Api::namespaced(self.client.clone(), namespace);
+        let lease = api
+            .get_opt(ROTATION_LEASE)
+            .await
+            .map_err(|e| K8sError::api("read the rotation lease", e))?;
+        Ok(lease
+            .and_then(|l| l.spec)
+            .and_then(|s| s.holder_identity)
+            .filter(|h| !h.is_empty()))
+    }
+
     /// Gives the rotation Lease up if `holder` holds it (so another replica need not wait it out).
     pub async fn release_rotation_lease(
         &self,

@@ -47,15 +47,16 @@ impl std::fmt::Debug for StoredKeys {
 impl Cluster {
     /// Reads the keys Secret in `namespace`, creating it from `generate()` if absent; a lost create
     /// race adopts the winner's keys (`generate`'s material is then dropped, never used).
-    pub async fn load_or_create_keys(
+    pub async fn load_or_create_keys<E: From<K8sError>>(
         &self,
         namespace: &str,
-        generate: impl FnOnce() -> Result<KeyFiles, K8sError>,
-    ) -> Result<StoredKeys, K8sError> {
+        generate: impl FnOnce() -> Result<KeyFiles, E>,
+    ) -> Result<StoredKeys, E> {
         let api: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
         if let Some(found) = read(&api).await? {
             return Ok(found);
         }
+        let files = generate()?;
         let secret = Secret {
             metadata: ObjectMeta {
                 name: Some(KEYS_SECRET.to_owned()),
@@ -66,7 +67,7 @@ impl Cluster {
                 ..ObjectMeta::default()
             },
             type_: Some("Opaque".to_owned()),
-            data: Some(to_data(generate()?)),
+            data: Some(to_data(files)),
             ..Secret::default()
         };
         match api.create(&PostParams::default(), &secret).await {
@@ -82,22 +83,25 @@ impl Cluster {
                     secret = KEYS_SECRET,
                     "another replica created the ca keys first; adopting them"
                 );
-                read(&api).await?.ok_or_else(|| K8sError::Api {
+                Ok(read(&api).await?.ok_or_else(|| K8sError::Api {
                     doing: "read the ca keys secret after losing the create race",
                     reason: "it was deleted again".to_owned(),
-                })
+                })?)
             }
-            Err(e) => Err(K8sError::api("create the ca keys secret", e)),
+            Err(e) => Err(K8sError::api("create the ca keys secret", e).into()),
         }
     }
 
     /// Read-modify-write of the keys Secret: `change` maps the current files to the new ones; a
     /// conflicting write by another replica makes it re-read and re-apply `change`.
-    pub async fn update_keys(
+    ///
+    /// `change` may refuse with its own error `E` (a rotation step out of order); nothing is written
+    /// then.
+    pub async fn update_keys<E: From<K8sError>>(
         &self,
         namespace: &str,
-        mut change: impl FnMut(&KeyFiles) -> Result<KeyFiles, K8sError>,
-    ) -> Result<StoredKeys, K8sError> {
+        mut change: impl FnMut(&KeyFiles) -> Result<KeyFiles, E>,
+    ) -> Result<StoredKeys, E> {
         let api: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
         for _ in 0..MAX_ATTEMPTS {
             let current = read(&api).await?.ok_or_else(|| K8sError::Api {
@@ -119,17 +123,24 @@ impl Cluster {
                 .replace(KEYS_SECRET, &PostParams::default(), &secret)
                 .await
             {
-                Ok(written) => return from_secret(written),
+                Ok(written) => return Ok(from_secret(written)?),
                 Err(kube::Error::Api(status)) if status.code == 409 => {
                     tracing::debug!(namespace, "ca keys secret changed under us; retrying");
                 }
-                Err(e) => return Err(K8sError::api("update the ca keys secret", e)),
+                Err(e) => return Err(K8sError::api("update the ca keys secret", e).into()),
             }
         }
         Err(K8sError::Api {
             doing: "update the ca keys secret",
             reason: format!("still conflicting after `{MAX_ATTEMPTS}` attempts"),
-        })
+        }
+        .into())
+    }
+
+    /// Reads the keys Secret in `namespace` as it is now (`None`: it does not exist).
+    pub async fn read_keys(&self, namespace: &str) -> Result<Option<StoredKeys>, K8sError> {
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
+        read(&api).await
     }
 }
 

@@ -160,25 +160,31 @@ impl<'de> Deserialize<'de> for ChainHash {
     }
 }
 
-/// A record's unique id: 48 bits of milliseconds since the Unix epoch, then 80 random bits, shown as
-/// 32 lower-case hex digits, so ids sort by time like ULIDs. The proxy names it in a 403 body.
+/// A record's unique id: 48 bits of milliseconds since the Unix epoch, then 80 bits unique to the
+/// record, shown as 32 lower-case hex digits, so ids sort by time like ULIDs. The proxy names it in a
+/// 403 body. A writer draws its 80 bits once from the system's randomness and adds a per-record
+/// counter ([`RecordId::sequenced`]): unique within the writer, unrelated across writers, and no
+/// `getrandom` call per decision on the proxy's hot path.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct RecordId([u8; 16]);
 
 impl RecordId {
-    /// An id for a record made at `ts`, with randomness from `rng`.
-    pub(crate) fn generate(
-        ts: Timestamp,
-        rng: &dyn ring::rand::SecureRandom,
-    ) -> Result<Self, ring::error::Unspecified> {
+    /// An id for the `n`-th record of a writer whose random base is `base`: the low 64 bits of the
+    /// base advance by `n` (wrapping), so a writer never repeats an id before 2^64 records.
+    pub(crate) fn sequenced(ts: Timestamp, base: &[u8; 10], n: u64) -> Self {
         let mut bytes = [0u8; 16];
         let millis = ts.0.unix_timestamp_nanos().div_euclid(1_000_000);
         let millis = u64::try_from(millis).unwrap_or(0).to_be_bytes();
-        let (time_part, random_part) = bytes.split_at_mut(6);
-        // The low 48 bits of the millisecond count: good until the year 10889.
+        let (time_part, unique_part) = bytes.split_at_mut(6);
         time_part.copy_from_slice(millis.get(2..).unwrap_or(&[0; 6]));
-        rng.fill(random_part)?;
-        Ok(RecordId(bytes))
+        let (high, low) = base.split_at(2);
+        let mut low_bytes = [0u8; 8];
+        low_bytes.copy_from_slice(low);
+        let low = u64::from_be_bytes(low_bytes).wrapping_add(n).to_be_bytes();
+        let (unique_high, unique_low) = unique_part.split_at_mut(2);
+        unique_high.copy_from_slice(high);
+        unique_low.copy_from_slice(&low);
+        RecordId(bytes)
     }
 
     /// The raw 16 bytes.
@@ -323,16 +329,32 @@ mod tests {
 
     #[test]
     fn record_ids_sort_by_time() {
-        let rng = ring::rand::SystemRandom::new();
-        let early =
-            RecordId::generate("2026-01-01T00:00:00.000000Z".parse().unwrap(), &rng).unwrap();
-        let late =
-            RecordId::generate("2026-01-01T00:00:01.000000Z".parse().unwrap(), &rng).unwrap();
+        let base = [7u8; 10];
+        // A later record with a smaller counter still sorts after: time comes first.
+        let early = RecordId::sequenced("2026-01-01T00:00:00.000000Z".parse().unwrap(), &base, 9);
+        let late = RecordId::sequenced("2026-01-01T00:00:01.000000Z".parse().unwrap(), &base, 0);
         assert!(early.to_string() < late.to_string());
         assert_eq!(early.to_string().parse::<RecordId>().unwrap(), early);
         assert!(matches!(
             "xyz".parse::<RecordId>(),
             Err(AuditFieldError::RecordId(_))
         ));
+    }
+
+    #[test]
+    fn sequenced_ids_are_unique_within_a_millisecond_and_wrap_without_repeating() {
+        let ts: Timestamp = "2026-01-01T00:00:00.000000Z".parse().unwrap();
+        let base = [0xff_u8; 10];
+        let ids: std::collections::HashSet<RecordId> = (0..10_000)
+            .map(|n| RecordId::sequenced(ts, &base, n))
+            .collect();
+        assert_eq!(ids.len(), 10_000);
+        // The low 64 bits wrap (base all ones + 1 = 0) while the high 16 bits of the base stay.
+        let wrapped = RecordId::sequenced(ts, &base, 1);
+        assert_eq!(&wrapped.as_bytes()[6..8], &[0xff, 0xff]);
+        assert_eq!(&wrapped.as_bytes()[8..], &[0; 8]);
+        // Another writer's base gives other ids for the same counters.
+        let other = RecordId::sequenced(ts, &[1; 10], 1);
+        assert!(!ids.contains(&other));
     }
 }

@@ -21,11 +21,12 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use ring::rand::SystemRandom;
+use ring::rand::{SecureRandom as _, SystemRandom};
 use rustix::fs::FlockOperation;
 use tracing::{error, info, warn};
 
@@ -194,12 +195,17 @@ impl AuditLog {
             max_records: policy.max_records.max(1),
             ..policy
         };
+        let mut id_base = [0u8; 10];
+        SystemRandom::new()
+            .fill(&mut id_base)
+            .map_err(|_| AuditError::Random)?;
         let shared = Arc::new(Shared {
             path: path.clone(),
             node: node.to_owned(),
             policy,
             file,
-            rng: SystemRandom::new(),
+            id_base,
+            id_next: AtomicU64::new(0),
             state: Mutex::new(State {
                 seq,
                 head,
@@ -232,7 +238,8 @@ impl AuditLog {
     /// are added, the line hashed and copied into the pending batch. The record is durable once the
     /// batch is synced (see the module docs), or after [`AuditLog::sync`].
     pub fn append(&self, event: AuditEvent) -> Result<AuditRecordRef, AuditError> {
-        let id = RecordId::generate(event.ts, &self.shared.rng).map_err(|_| AuditError::Random)?;
+        let n = self.shared.id_next.fetch_add(1, Ordering::Relaxed);
+        let id = RecordId::sequenced(event.ts, &self.shared.id_base, n);
         let body = encode_body(event, id, &self.shared.node)
             .map_err(|e| AuditError::Encode(e.to_string()))?;
         let mut guard = self.shared.lock();
@@ -320,7 +327,9 @@ struct Shared {
     policy: SyncPolicy,
     // INVARIANT: written only while `state` is locked, so batches land in chain order.
     file: File,
-    rng: SystemRandom,
+    /// Random once per writer; record ids add a counter to it (see [`RecordId::sequenced`]).
+    id_base: [u8; 10],
+    id_next: AtomicU64,
     state: Mutex<State>,
     wake: Condvar,
 }

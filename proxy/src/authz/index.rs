@@ -14,8 +14,9 @@
 //! (`principal == Namespace::"x"` is looked at for members of `x`), which is harmless: Cedar
 //! still evaluates the candidates.
 //!
-//! The candidates for a pair are turned into a small Cedar policy set, together with the
-//! pair's entity store, once, and cached (bounded) for the life of this policy set.
+//! The candidates for a pair are kept with the pair's entity store, once, and cached
+//! (bounded) for the life of this policy set; each action of the pair gets its own plan
+//! (`plan.rs`), built on first use.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -23,7 +24,8 @@ use std::sync::{Arc, RwLock};
 use cedar_policy::{Entities, EntityUid, Policy, PrincipalConstraint, ResourceConstraint};
 use meshward_identity::SpiffeId;
 
-use super::request::WorkloadPlace;
+use super::plan::PlanCell;
+use super::request::{Action, WorkloadPlace};
 
 /// Most (principal, resource) pairs cached per policy set; then the cache starts over.
 ///
@@ -50,8 +52,11 @@ struct ResourceBuckets {
 pub(crate) struct Slice {
     pub(crate) principal: EntityUid,
     pub(crate) resource: EntityUid,
-    pub(crate) policies: cedar_policy::PolicySet,
+    /// Positions of the policies whose scopes can match, ascending.
+    pub(crate) candidates: Vec<usize>,
     pub(crate) entities: Entities,
+    /// One plan per action, in [`Action::ALL`] order.
+    plans: [PlanCell; Action::ALL.len()],
 }
 
 /// A bounded cache of slices by principal, then resource (nested, so a hit allocates nothing).
@@ -112,6 +117,30 @@ impl ScopeIndex {
         let count =
             |b: &ResourceBuckets| b.by_resource.len() + usize::from(!b.any_resource.is_empty());
         self.by_principal.values().map(count).sum::<usize>() + count(&self.any_principal)
+    }
+}
+
+impl Slice {
+    /// A slice with no plan built yet.
+    pub(crate) fn new(
+        principal: EntityUid,
+        resource: EntityUid,
+        candidates: Vec<usize>,
+        entities: Entities,
+    ) -> Self {
+        Self {
+            principal,
+            resource,
+            candidates,
+            entities,
+            plans: std::array::from_fn(|_| PlanCell::new()),
+        }
+    }
+
+    /// The plan cell of `action`.
+    pub(crate) fn plan(&self, action: Action) -> Option<&PlanCell> {
+        let position = Action::ALL.iter().position(|a| *a == action)?;
+        self.plans.get(position)
     }
 }
 

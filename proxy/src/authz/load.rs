@@ -5,13 +5,14 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use cedar_policy::{Effect, Policy, PolicyId, Request, Schema, ValidationMode, Validator};
 use meshward_identity::SpiffeId;
 use miette::Diagnostic;
 
 use super::index::{ScopeIndex, Slice, SliceCache};
+use super::plan::{ContextNeeds, ContextUse, Plan, PlanInput};
 use super::request::{Action, AuthzRequest, EntityTypes};
 use super::{Decision, Mode, evaluate};
 use crate::normalize::NormalizedPath;
@@ -62,6 +63,8 @@ pub struct PolicySet {
     origin: String,
     schema: Arc<PolicySchema>,
     policies: Vec<Policy>,
+    /// What each policy does with `context`, worked out when a plan first needs it.
+    context_uses: Vec<OnceLock<ContextUse>>,
     full: cedar_policy::PolicySet,
     info: BTreeMap<String, PolicyInfo>,
     warnings: Vec<String>,
@@ -201,7 +204,7 @@ impl PolicySchema {
                 p.uid.clone(),
                 action_uid.clone(),
                 r.uid.clone(),
-                request.context(&self.types.ips)?,
+                request.context(&self.types.ips, &ContextNeeds::ALL)?,
                 Some(&self.schema),
             )
             .map_err(|e| format!("action `{action}`: {e}"))?;
@@ -235,7 +238,9 @@ impl PolicySet {
         let mut problems = Vec::new();
         let mut policies = Vec::new();
         let mut info: BTreeMap<String, PolicyInfo> = BTreeMap::new();
-        let mut text_of: BTreeMap<String, (String, usize)> = BTreeMap::new();
+        // The file text of each policy, borrowed: a copy per policy of a 10,000-policy file
+        // would be gigabytes.
+        let mut text_of: BTreeMap<String, (&str, usize)> = BTreeMap::new();
         for (file, text) in sources {
             let parsed = match cedar_policy::PolicySet::from_str(text) {
                 Ok(parsed) => parsed,
@@ -294,7 +299,7 @@ impl PolicySet {
                         text: policy_text.clone(),
                     },
                 );
-                text_of.insert(id.to_owned(), (text.clone(), offset));
+                text_of.insert(id.to_owned(), (text.as_str(), offset));
                 policies.push(policy.new_id(PolicyId::new(id)));
             }
         }
@@ -347,6 +352,7 @@ impl PolicySet {
             origin: origin.to_owned(),
             index: ScopeIndex::build(&policies),
             schema,
+            context_uses: policies.iter().map(|_| OnceLock::new()).collect(),
             policies,
             full,
             info,
@@ -417,23 +423,23 @@ impl PolicySet {
             Ok(slice) => slice,
             Err(e) => return Decision::failed(mode, e),
         };
-        if slice.policies.is_empty() {
-            // Nothing can permit, forbid or error: skip building the Cedar request.
+        if slice.candidates.is_empty() {
+            // Nothing can permit, forbid or error: skip building a plan.
             return Decision::no_policy_permits(mode);
         }
-        let cedar = self.types().action_uid(request.action).and_then(|action| {
-            Request::new(
-                slice.principal.clone(),
-                action.clone(),
-                slice.resource.clone(),
-                request.context(&self.types().ips)?,
-                None,
-            )
-            .map_err(|e| format!("cannot build the request: {e}"))
-        });
-        match cedar {
-            Ok(cedar) => evaluate(&cedar, &slice.policies, &slice.entities, mode),
-            Err(e) => Decision::failed(mode, e),
+        let Some(cell) = slice.plan(request.action) else {
+            return Decision::failed(mode, format!("unknown action `{}`", request.action));
+        };
+        match cell.get_or_init(|| self.plan(&slice, request.action)) {
+            Ok(plan) => plan.decide(
+                request,
+                &slice.principal,
+                &slice.resource,
+                &slice.entities,
+                self.types(),
+                mode,
+            ),
+            Err(e) => Decision::failed(mode, e.clone()),
         }
     }
 
@@ -460,19 +466,33 @@ impl PolicySet {
         let principal = types.place(&request.principal);
         let resource = types.place(&request.resource);
         let candidates = self.index.candidates(&principal, &resource);
-        let policies = cedar_policy::PolicySet::from_policies(
-            candidates
-                .into_iter()
-                .filter_map(|i| self.policies.get(i).cloned()),
-        )
-        .map_err(|e| format!("cannot build the policy slice: {e}"))?;
         let entities = types.entities(&principal, &resource, &self.schema.schema)?;
-        Ok(Slice {
-            principal: principal.uid,
-            resource: resource.uid,
-            policies,
+        Ok(Slice::new(
+            principal.uid,
+            resource.uid,
+            candidates,
             entities,
-        })
+        ))
+    }
+
+    fn plan(&self, slice: &Slice, action: Action) -> Result<Plan, String> {
+        let action = self.types().action_uid(action)?;
+        let policies = slice
+            .candidates
+            .iter()
+            .filter_map(|&i| {
+                let policy = self.policies.get(i)?;
+                let use_ = self.context_uses.get(i)?;
+                Some((policy, *use_.get_or_init(|| ContextUse::of(policy))))
+            })
+            .collect();
+        let input = PlanInput {
+            principal: &slice.principal,
+            resource: &slice.resource,
+            entities: &slice.entities,
+            policies,
+        };
+        Plan::build(&input, action)
     }
 
     fn types(&self) -> &EntityTypes {
@@ -487,7 +507,7 @@ impl PolicySet {
             types.place(&request.principal).uid,
             action.clone(),
             types.place(&request.resource).uid,
-            request.context(&types.ips)?,
+            request.context(&types.ips, &ContextNeeds::ALL)?,
             None,
         )
         .map_err(|e| format!("cannot build the request: {e}"))

@@ -11,6 +11,7 @@ use cedar_policy::{
 };
 use meshward_identity::SpiffeId;
 
+use super::plan::ContextNeeds;
 use crate::normalize::NormalizedPath;
 
 /// A Cedar action: an HTTP method, or `connect` for a plain TCP connection.
@@ -170,41 +171,51 @@ impl AuthzRequest {
         }
     }
 
-    /// The Cedar context record: `method`, `path`, `host`, `sourceIp`, `tls`.
-    pub(crate) fn context(&self, ips: &IpCache) -> Result<Context, String> {
-        let path = self.path.as_ref().map(NormalizedPath::as_str).unwrap_or("");
-        let tls = RestrictedExpression::new_record([
-            (
-                "version".to_owned(),
-                RestrictedExpression::new_string(self.tls.version.clone()),
-            ),
-            (
-                "cipher".to_owned(),
-                RestrictedExpression::new_string(self.tls.cipher.clone()),
-            ),
-            (
-                "alpn".to_owned(),
-                RestrictedExpression::new_string(self.tls.alpn.clone()),
-            ),
-        ])
-        .map_err(|e| format!("cannot build the tls context record: {e}"))?;
-        Context::from_pairs([
-            (
+    /// The Cedar context record: `method`, `path`, `host`, `sourceIp`, `tls` — those of them
+    /// `needs` names ([`ContextNeeds::ALL`] for all; see `plan.rs` for why fewer are enough).
+    pub(crate) fn context(&self, ips: &IpCache, needs: &ContextNeeds) -> Result<Context, String> {
+        let mut pairs = Vec::with_capacity(5);
+        if needs.has("method") {
+            pairs.push((
                 "method".to_owned(),
                 RestrictedExpression::new_string(self.action.method().to_owned()),
-            ),
-            (
+            ));
+        }
+        if needs.has("path") {
+            let path = self.path.as_ref().map(NormalizedPath::as_str).unwrap_or("");
+            pairs.push((
                 "path".to_owned(),
                 RestrictedExpression::new_string(path.to_owned()),
-            ),
-            (
+            ));
+        }
+        if needs.has("host") {
+            pairs.push((
                 "host".to_owned(),
                 RestrictedExpression::new_string(self.host.clone()),
-            ),
-            ("sourceIp".to_owned(), ips.expression(self.source_ip)),
-            ("tls".to_owned(), tls),
-        ])
-        .map_err(|e| format!("cannot build the request context: {e}"))
+            ));
+        }
+        if needs.has("sourceIp") {
+            pairs.push(("sourceIp".to_owned(), ips.expression(self.source_ip)));
+        }
+        if needs.has("tls") {
+            let tls = RestrictedExpression::new_record([
+                (
+                    "version".to_owned(),
+                    RestrictedExpression::new_string(self.tls.version.clone()),
+                ),
+                (
+                    "cipher".to_owned(),
+                    RestrictedExpression::new_string(self.tls.cipher.clone()),
+                ),
+                (
+                    "alpn".to_owned(),
+                    RestrictedExpression::new_string(self.tls.alpn.clone()),
+                ),
+            ])
+            .map_err(|e| format!("cannot build the tls context record: {e}"))?;
+            pairs.push(("tls".to_owned(), tls));
+        }
+        Context::from_pairs(pairs).map_err(|e| format!("cannot build the request context: {e}"))
     }
 }
 

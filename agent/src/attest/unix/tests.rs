@@ -110,7 +110,7 @@ fn a_process_that_exits_mid_attestation_is_gone() {
     let pid = i32::try_from(child.lock().unwrap().id()).unwrap();
     let attestor = UnixAttestor::new();
     let err = attestor
-        .attest_between(pid, &|| {
+        .attest_between(pid, Wanted::ALL, &|| {
             let mut child = child.lock().unwrap();
             child.kill().unwrap();
             // Reaped, so /proc/<pid> is gone (a zombie would still have a stat file).
@@ -155,7 +155,7 @@ fn a_pid_reused_mid_attestation_is_refused() {
     let fake = FakeProc::new(4242, 1_000, 1234, 5678);
     let attestor = fake.attestor();
     let err = attestor
-        .attest_between(fake.pid, &|| fake.set_start(2_000))
+        .attest_between(fake.pid, Wanted::ALL, &|| fake.set_start(2_000))
         .unwrap_err();
     assert!(matches!(err, AttestError::PidReused(4242)), "{err:?}");
 
@@ -268,4 +268,52 @@ fn names_come_from_passwd_format_lines() {
     assert_eq!(find_name(passwd, 0).as_deref(), Some("root"));
     assert_eq!(find_name(passwd, 5), None);
     assert_eq!(find_name(passwd, 42), None);
+}
+
+#[test]
+fn the_binary_is_hashed_only_when_wanted_and_then_once() {
+    let fake = FakeProc::new(9, 1, 0, 0);
+    let attestor = fake.attestor();
+
+    let cheap = attestor
+        .attest_blocking_wanted(fake.pid, Wanted::CHEAP)
+        .unwrap();
+    assert_eq!(value(&cheap, "sha256:"), None, "{cheap:?}");
+    assert!(value(&cheap, "path:").is_some(), "{cheap:?}");
+    assert_eq!(attestor.binaries_hashed(), 0);
+    assert!(attestor.cache().is_empty());
+
+    let all = attestor
+        .attest_blocking_wanted(fake.pid, Wanted::ALL)
+        .unwrap();
+    let expected = sha256_hex(b"first version of the binary");
+    assert_eq!(value(&all, "sha256:"), Some(expected.as_str()));
+    assert_eq!(attestor.binaries_hashed(), 1);
+    // A clone shares the cache: the same file version is not read again.
+    let again = attestor.clone().attest_blocking(fake.pid).unwrap();
+    assert_eq!(again, all);
+    assert_eq!(attestor.binaries_hashed(), 1);
+    // Without the hash wanted, the selectors are the same minus `sha256:`.
+    let cheap_again = attestor
+        .attest_blocking_wanted(fake.pid, Wanted::CHEAP)
+        .unwrap();
+    let mut without: Vec<Selector> = all
+        .into_iter()
+        .filter(|s| !s.value.starts_with(SHA256_PREFIX))
+        .collect();
+    without.sort();
+    let mut cheap_sorted = cheap_again;
+    cheap_sorted.sort();
+    assert_eq!(cheap_sorted, without);
+}
+
+#[test]
+fn a_pid_reused_mid_attestation_is_refused_without_the_hash_too() {
+    let fake = FakeProc::new(4243, 1_000, 1234, 5678);
+    let attestor = fake.attestor();
+    let err = attestor
+        .attest_between(fake.pid, Wanted::CHEAP, &|| fake.set_start(2_000))
+        .unwrap_err();
+    assert!(matches!(err, AttestError::PidReused(4243)), "{err:?}");
+    assert_eq!(attestor.binaries_hashed(), 0);
 }

@@ -393,12 +393,12 @@ fn options_reach_the_sidecar() {
 
 #[test]
 fn flag_values_are_checked() {
-    assert!(socket_dir("relative").is_err());
-    assert!(socket_dir("/").is_err());
-    assert_eq!(socket_dir("/run/meshward/").unwrap(), "/run/meshward");
-    assert!(config_map_name("Policies").is_err());
-    assert!(config_map_name("-x").is_err());
-    assert!(config_map_name("meshward-policies").is_ok());
-    assert!(image("a b").is_err());
-    assert!(image("").is_err());
+    assert!(check_socket_dir("relative").is_err());
+    assert!(check_socket_dir("/").is_err());
+    assert_eq!(check_socket_dir("/run/meshward/").unwrap(), "/run/meshward");
+    assert!(check_config_map_name("Policies").is_err());
+    assert!(check_config_map_name("-x").is_err());
+    assert!(check_config_map_name("meshward-policies").is_ok());
+    assert!(check_image("a b").is_err());
+    assert!(check_image("").is_err());
 }

@@ -15,12 +15,12 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use meshward_proxy::config::{ListenerSetting, parse_inbound, parse_outbound};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::document::Value;
-use super::{InjectError, InjectOptions};
+use crate::document::Value;
+use crate::listener::{inbound_port, outbound_port};
+use crate::{InjectError, InjectOptions};
 
 /// Name of the injected proxy container; its presence marks a template as already injected.
 pub const PROXY_CONTAINER: &str = "meshward-proxy";
@@ -57,10 +57,11 @@ pub enum Outcome {
     OptedOut,
 }
 
-/// Names a workload in error messages: `document 2, Deployment `shop/orders``.
+/// Names a workload in error messages: `document 2, Deployment `shop/orders`` (a manifest's),
+/// `Pod `shop/orders-x7k2p`` (an AdmissionReview's).
 #[derive(Debug, Clone)]
 pub struct Workload {
-    /// 1-based document index in the input.
+    /// 1-based document index in the input; 0 for a pod that did not come from a manifest.
     pub document: usize,
     /// 1-based index inside a `List`, if the workload is one of its items.
     pub item: Option<usize>,
@@ -85,11 +86,14 @@ impl Workload {
 
 impl fmt::Display for Workload {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "document {}", self.document)?;
-        if let Some(item) = self.item {
-            write!(f, ", item {item}")?;
+        // Document 0: not from a manifest (an AdmissionReview's pod).
+        if self.document > 0 {
+            write!(f, "document {}, ", self.document)?;
         }
-        write!(f, ", {} `{}`", self.kind, self.name)
+        if let Some(item) = self.item {
+            write!(f, "item {item}, ")?;
+        }
+        write!(f, "{} `{}`", self.kind, self.name)
     }
 }
 
@@ -201,9 +205,9 @@ impl Listeners {
         if let Some(value) = annotations.get(ANNOTATION_INBOUND) {
             for spec in entries(value) {
                 let spec = with_host(spec, "0.0.0.0");
-                let parsed = parse_inbound(&ListenerSetting::Spec(spec.clone()))
-                    .map_err(|e| annotation_error(ANNOTATION_INBOUND, value, e.to_string()))?;
-                inbound.push((spec, parsed.listen.port()));
+                let port = inbound_port(&spec)
+                    .map_err(|e| annotation_error(ANNOTATION_INBOUND, value, e))?;
+                inbound.push((spec, port));
             }
         } else if let Some(port) = first_tcp_port(spec) {
             inbound.push((
@@ -216,9 +220,9 @@ impl Listeners {
             for spec in entries(value) {
                 // Outbound listeners are for the app next door only: loopback by default.
                 let spec = with_host(spec, "127.0.0.1");
-                let parsed = parse_outbound(&ListenerSetting::Spec(spec.clone()))
-                    .map_err(|e| annotation_error(ANNOTATION_OUTBOUND, value, e.to_string()))?;
-                outbound.push((spec, parsed.listen.port()));
+                let port = outbound_port(&spec)
+                    .map_err(|e| annotation_error(ANNOTATION_OUTBOUND, value, e))?;
+                outbound.push((spec, port));
             }
         }
         if inbound.is_empty() && outbound.is_empty() {
