@@ -274,7 +274,11 @@ fn orchestrate() {
         println!("workloads_1000: skipped: needs root (each workload runs under a uid of its own)");
         return;
     }
-    let n: usize = if quick { 20 } else { 1_000 };
+    // MESHWARD_BENCH_WORKLOADS: another workload count, for quicker memory measurements.
+    let n: usize = std::env::var("MESHWARD_BENCH_WORKLOADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if quick { 20 } else { 1_000 });
     let probes: usize = if quick { 5 } else { 100 };
     let ttl = Duration::from_secs(
         std::env::var("MESHWARD_BENCH_TTL")

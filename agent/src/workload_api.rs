@@ -20,7 +20,11 @@
 pub mod client;
 
 use std::collections::HashMap;
+use std::convert::Infallible;
+use std::marker::PhantomData;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, ready};
 use std::time::{Instant, SystemTime};
 
 use meshward_identity::jwt::{JwtBundleSet, JwtError, JwtSvid};
@@ -29,31 +33,184 @@ use meshward_identity::proto::workload::spiffe_workload_api_server::{
     SpiffeWorkloadApi, SpiffeWorkloadApiServer,
 };
 use meshward_identity::{SpiffeId, SpiffeIdError};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::WatchStream;
+use tonic::codec::{BufferSettings, Codec};
+use tonic::codegen::{BoxFuture, Service};
 use tonic::metadata::MetadataMap;
+use tonic::server::{NamedService, ServerStreamingService};
 use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
 
 use crate::Services;
 use crate::attest::{AttestError, Selector};
+use crate::metrics::AgentMetrics;
 use crate::svid_cache::{CacheError, CacheSnapshot, CachedEntry};
 
 /// The metadata key every Workload API call must carry, with the value `true`.
 pub const SECURITY_HEADER: &str = "workload.spiffe.io";
 
-/// Messages buffered per open stream before the sender waits for the caller to read.
-const STREAM_BUFFER: usize = 4;
+/// The encode buffer of a `FetchX509SVID` stream: it lives as long as the stream, one per workload,
+/// and grows to the message if needed (tonic's default is 8 kB, a sixth of a stream's memory).
+const STREAM_ENCODE_BUFFER: usize = 1024;
 
 /// The Workload API service for the agent socket.
-pub fn server(services: Services) -> SpiffeWorkloadApiServer<WorkloadApi> {
-    SpiffeWorkloadApiServer::new(WorkloadApi { services })
+pub fn server(services: Services) -> WorkloadApiServer {
+    let api = Arc::new(WorkloadApi { services });
+    WorkloadApiServer {
+        generated: SpiffeWorkloadApiServer::from_arc(api.clone()),
+        api,
+    }
+}
+
+/// The generated Workload API server, except that `FetchX509SVID` streams encode with a small
+/// buffer ([`STREAM_ENCODE_BUFFER`]).
+#[derive(Debug, Clone)]
+pub struct WorkloadApiServer {
+    api: Arc<WorkloadApi>,
+    generated: SpiffeWorkloadApiServer<WorkloadApi>,
+}
+
+impl NamedService for WorkloadApiServer {
+    const NAME: &'static str = <SpiffeWorkloadApiServer<WorkloadApi> as NamedService>::NAME;
+}
+
+impl Service<http::Request<tonic::body::Body>> for WorkloadApiServer {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Infallible>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        if request.uri().path() != "/SpiffeWorkloadAPI/FetchX509SVID" {
+            return self.generated.call(request);
+        }
+        let method = FetchX509Svid(self.api.clone());
+        Box::pin(async move {
+            let codec = SmallEncodeCodec::<pb::X509svidResponse, pb::X509svidRequest>::default();
+            Ok(tonic::server::Grpc::new(codec)
+                .server_streaming(method, request)
+                .await)
+        })
+    }
+}
+
+/// `FetchX509SVID`, for [`WorkloadApiServer`].
+struct FetchX509Svid(Arc<WorkloadApi>);
+
+impl ServerStreamingService<pb::X509svidRequest> for FetchX509Svid {
+    type Response = pb::X509svidResponse;
+    type ResponseStream = FollowStream<pb::X509svidResponse>;
+    type Future = BoxFuture<Response<Self::ResponseStream>, Status>;
+
+    fn call(&mut self, request: Request<pb::X509svidRequest>) -> Self::Future {
+        let api = self.0.clone();
+        Box::pin(async move { api.fetch_x509svid(request).await })
+    }
+}
+
+/// The prost codec, with a [`STREAM_ENCODE_BUFFER`] encode buffer.
+struct SmallEncodeCodec<T, U>(PhantomData<fn() -> (T, U)>);
+
+impl<T, U> Default for SmallEncodeCodec<T, U> {
+    fn default() -> Self {
+        Self(PhantomData)
+    }
+}
+
+impl<T, U> Codec for SmallEncodeCodec<T, U>
+where
+    T: prost::Message + Send + 'static,
+    U: prost::Message + Default + Send + 'static,
+{
+    type Encode = T;
+    type Decode = U;
+    type Encoder = tonic_prost::ProstEncoder<T>;
+    type Decoder = tonic_prost::ProstDecoder<U>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        // 32 kB: tonic's default yield threshold.
+        tonic_prost::ProstEncoder::new(BufferSettings::new(STREAM_ENCODE_BUFFER, 32 * 1024))
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        tonic_prost::ProstCodec::<T, U>::default().decoder()
+    }
 }
 
 /// Serves the SPIFFE Workload API from the SVID cache.
 #[derive(Debug, Clone)]
 pub struct WorkloadApi {
     services: Services,
+}
+
+/// A Workload API stream: the caller's view of the SVID cache, sent now and whenever it changes.
+///
+/// It is polled by the connection itself, with no task or channel of its own: with one stream
+/// per workload, those (a task, a channel block and a queue of messages) were a good part of the
+/// agent's memory per workload. A caller that reads slowly gets the latest view, not a backlog.
+pub struct FollowStream<R> {
+    changes: WatchStream<Arc<CacheSnapshot>>,
+    build: Box<BuildFn<R>>,
+    /// The message to send next, if any.
+    next: Option<R>,
+    /// The message sent last: an unchanged view is not sent again.
+    last: Option<R>,
+    /// Set once the stream has ended (after a failure was sent).
+    done: bool,
+    method: &'static str,
+    metrics: AgentMetrics,
+}
+
+/// What a [`FollowStream`] sends for a snapshot (`None`: nothing for this caller).
+type BuildFn<R> = dyn FnMut(&CacheSnapshot) -> Result<Option<R>, WorkloadApiError> + Send;
+
+impl<R> std::fmt::Debug for FollowStream<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FollowStream")
+            .field("method", &self.method)
+            .field("done", &self.done)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<R: Clone + PartialEq + Unpin> Stream for FollowStream<R> {
+    type Item = Result<R, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        loop {
+            if this.done {
+                return Poll::Ready(None);
+            }
+            if let Some(message) = this.next.take()
+                && this.last.as_ref() != Some(&message)
+            {
+                this.last = Some(message.clone());
+                this.metrics.stream_push(this.method);
+                return Poll::Ready(Some(Ok(message)));
+            }
+            // `None` once the cache worker is gone: the agent is shutting down. Ending the
+            // stream (instead of leaving it open forever) lets clients reconnect.
+            let Some(snapshot) = ready!(Pin::new(&mut this.changes).poll_next(cx)) else {
+                this.done = true;
+                return Poll::Ready(None);
+            };
+            match (this.build)(&snapshot) {
+                Ok(built) => this.next = built,
+                Err(e) => {
+                    tracing::info!(method = this.method, error = %e, "stream closed");
+                    let status = e.to_status();
+                    this.metrics.socket_call(this.method, status.code());
+                    this.done = true;
+                    return Poll::Ready(Some(Err(status)));
+                }
+            }
+        }
+    }
 }
 
 /// Why the caller of the socket could not be attested (shared with SDS).
@@ -146,9 +303,9 @@ impl WorkloadApiError {
 
 #[tonic::async_trait]
 impl SpiffeWorkloadApi for WorkloadApi {
-    type FetchX509SVIDStream = ReceiverStream<Result<pb::X509svidResponse, Status>>;
-    type FetchX509BundlesStream = ReceiverStream<Result<pb::X509BundlesResponse, Status>>;
-    type FetchJWTBundlesStream = ReceiverStream<Result<pb::JwtBundlesResponse, Status>>;
+    type FetchX509SVIDStream = FollowStream<pb::X509svidResponse>;
+    type FetchX509BundlesStream = FollowStream<pb::X509BundlesResponse>;
+    type FetchJWTBundlesStream = FollowStream<pb::JwtBundlesResponse>;
 
     async fn fetch_x509svid(
         &self,
@@ -299,9 +456,9 @@ impl WorkloadApi {
         &self,
         method: &'static str,
         mut build: F,
-    ) -> Result<ReceiverStream<Result<R, Status>>, WorkloadApiError>
+    ) -> Result<FollowStream<R>, WorkloadApiError>
     where
-        R: Clone + PartialEq + Send + 'static,
+        R: Clone + PartialEq + Send + Unpin + 'static,
         F: FnMut(&CacheSnapshot) -> Result<Option<R>, WorkloadApiError> + Send + 'static,
     {
         let mut snapshots = self.services.cache.subscribe();
@@ -309,44 +466,15 @@ impl WorkloadApi {
             let snapshot = snapshots.borrow_and_update().clone();
             build(&snapshot)?
         };
-        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        let metrics = self.services.metrics.clone();
-        tokio::spawn(async move {
-            let mut last: Option<R> = None;
-            let mut next = first;
-            loop {
-                if let Some(message) = next.take()
-                    && last.as_ref() != Some(&message)
-                {
-                    last = Some(message.clone());
-                    if tx.send(Ok(message)).await.is_err() {
-                        return;
-                    }
-                    metrics.stream_push(method);
-                }
-                tokio::select! {
-                    changed = snapshots.changed() => {
-                        if changed.is_err() {
-                            // The cache worker is gone: the agent is shutting down. Ending the
-                            // stream (instead of leaving it open forever) lets clients reconnect.
-                            return;
-                        }
-                    }
-                    () = tx.closed() => return,
-                }
-                let snapshot = snapshots.borrow_and_update().clone();
-                match build(&snapshot) {
-                    Ok(built) => next = built,
-                    Err(e) => {
-                        tracing::info!(method, error = %e, "stream closed");
-                        metrics.socket_call(method, e.to_status().code());
-                        let _ = tx.send(Err(e.to_status())).await;
-                        return;
-                    }
-                }
-            }
-        });
-        Ok(ReceiverStream::new(rx))
+        Ok(FollowStream {
+            changes: WatchStream::from_changes(snapshots),
+            build: Box::new(build),
+            next: first,
+            last: None,
+            done: false,
+            method,
+            metrics: self.services.metrics.clone(),
+        })
     }
 
     /// Counts and logs the outcome of a call, and maps its error.
