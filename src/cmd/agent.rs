@@ -107,13 +107,13 @@ pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     let file = match &args.config {
         Some(path) => match AgentSettings::from_file(path) {
             Ok(file) => file,
-            Err(e) => return Ok(fail(EX_USAGE, &e)),
+            Err(e) => return Ok(super::fail(EX_USAGE, &e)),
         },
         None => AgentSettings::default(),
     };
     let config = match flags.or(file).into_config() {
         Ok(config) => config,
-        Err(e) => return Ok(fail(EX_USAGE, &e)),
+        Err(e) => return Ok(super::fail(EX_USAGE, &e)),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -121,36 +121,15 @@ pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
         .map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))?;
     let outcome = runtime.block_on(async {
         let shutdown = CancellationToken::new();
-        tokio::spawn(cancel_on_signal(shutdown.clone()));
+        tokio::spawn(super::cancel_on_signal(
+            shutdown.clone(),
+            "agent",
+            "shutting down",
+        ));
         meshward_agent::run(config, shutdown).await
     });
     Ok(match outcome {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => fail(EX_FAILED, &e),
+        Err(e) => super::fail(EX_FAILED, &e),
     })
-}
-
-/// Prints `meshward: <error>` on one line and returns `code`.
-fn fail(code: u8, error: &dyn std::fmt::Display) -> ExitCode {
-    let line = error.to_string().replace('\n', " ");
-    eprintln!("meshward: {line}");
-    ExitCode::from(code)
-}
-
-/// SIGTERM or SIGINT starts a graceful shutdown.
-async fn cancel_on_signal(shutdown: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::warn!("cannot install signal handlers; stop the agent with SIGKILL");
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
-        () = shutdown.cancelled() => return,
-    }
-    shutdown.cancel();
 }

@@ -357,29 +357,15 @@ fn run_ca(args: RunArgs) -> Result<(), CaCliError> {
     let runtime = runtime()?;
     runtime.block_on(async {
         let shutdown = CancellationToken::new();
-        tokio::spawn(cancel_on_signal(shutdown.clone()));
+        tokio::spawn(super::cancel_on_signal(
+            shutdown.clone(),
+            "ca",
+            "shutting down",
+        ));
         meshward_ca::run(config, shutdown)
             .await
             .map_err(|e| CaCliError::Failed(e.to_string()))
     })
-}
-
-/// SIGTERM or SIGINT starts a graceful shutdown.
-async fn cancel_on_signal(shutdown: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::warn!("cannot install signal handlers; stop the ca with SIGKILL");
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
-        () = shutdown.cancelled() => return,
-    }
-    shutdown.cancel();
 }
 
 fn admin(command: CaCommand) -> Result<(), CaCliError> {

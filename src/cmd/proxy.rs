@@ -154,19 +154,23 @@ pub fn run(args: ProxyArgs) -> anyhow::Result<ExitCode> {
     let file = match &args.config {
         Some(path) => match ProxySettings::from_file(path) {
             Ok(file) => file,
-            Err(e) => return Ok(fail(EX_USAGE, &e)),
+            Err(e) => return Ok(super::fail(EX_USAGE, &e)),
         },
         None => ProxySettings::default(),
     };
     let config = match flags.or(file).into_config() {
         Ok(config) => config,
-        Err(e) => return Ok(fail(EX_USAGE, &e)),
+        Err(e) => return Ok(super::fail(EX_USAGE, &e)),
     };
     let runtime = meshward_proxy::runtime(config.worker_threads)
         .map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))?;
     let outcome = runtime.block_on(async {
         let shutdown = CancellationToken::new();
-        tokio::spawn(cancel_on_signal(shutdown.clone()));
+        tokio::spawn(super::cancel_on_signal(
+            shutdown.clone(),
+            "proxy",
+            "draining",
+        ));
         meshward_proxy::run(config, shutdown).await
     });
     Ok(match outcome {
@@ -178,32 +182,7 @@ pub fn run(args: ProxyArgs) -> anyhow::Result<ExitCode> {
             | ProxyError::Policy(_)
             | ProxyError::Audit(_)
             | ProxyError::Bind { .. }),
-        ) => fail(EX_USAGE, &e),
-        Err(e) => fail(EX_FAILED, &e),
+        ) => super::fail(EX_USAGE, &e),
+        Err(e) => super::fail(EX_FAILED, &e),
     })
-}
-
-/// Prints `meshward: <error>` on one line and returns `code`.
-fn fail(code: u8, error: &dyn std::fmt::Display) -> ExitCode {
-    let line = error.to_string().replace('\n', " ");
-    eprintln!("meshward: {line}");
-    ExitCode::from(code)
-}
-
-/// SIGTERM or SIGINT starts a graceful drain.
-async fn cancel_on_signal(shutdown: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::warn!("cannot install signal handlers; stop the proxy with SIGKILL");
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: draining"),
-        _ = int.recv() => tracing::info!("SIGINT: draining"),
-        () = shutdown.cancelled() => return,
-    }
-    shutdown.cancel();
 }

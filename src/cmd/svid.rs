@@ -90,12 +90,12 @@ pub fn run(args: SvidArgs) -> anyhow::Result<ExitCode> {
     });
     let svids = match fetched {
         Ok(svids) => svids,
-        Err(e) => return Ok(fail(EX_NO, &e)),
+        Err(e) => return Ok(super::fail(EX_NO, &e)),
     };
     let mut written = None;
     if let (Some(dir), Some(default)) = (&args.write, svids.first()) {
         if let Err(e) = write_files(dir, default) {
-            return Ok(fail(EX_IOERR, &e));
+            return Ok(super::fail(EX_IOERR, &e));
         }
         written = Some(dir);
     }
@@ -237,11 +237,4 @@ fn parse_timeout(text: &str) -> Result<Duration, String> {
         return Err("the timeout must be longer than zero".into());
     }
     Ok(timeout)
-}
-
-/// Prints `meshward: <error>` on one line and returns `code`.
-fn fail(code: u8, error: &dyn std::fmt::Display) -> ExitCode {
-    let line = error.to_string().replace('\n', " ");
-    eprintln!("meshward: {line}");
-    ExitCode::from(code)
 }
