@@ -20,12 +20,14 @@
     clippy::indexing_slicing
 )]
 
+#[path = "../tests/support/mod.rs"]
+mod support;
+
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use hyper_util::rt::TokioIo;
 use meshward_ca::config::CaConfig;
 use meshward_ca::datastore::{Datastore, NewEntry, NodeScope, Selector};
 use meshward_ca::issuer::{Issuer, IssuerConfig, SvidRequest};
@@ -40,11 +42,11 @@ use meshward_identity::verify::{Expected, PeerVerifier};
 use meshward_identity::x509::{SvidKey, make_csr, verify_csr};
 use meshward_identity::{SpiffeId, TrustDomain};
 use rustls::ClientConfig;
-use rustls_pki_types::{CertificateDer, ServerName};
-use tokio::net::TcpStream;
-use tokio_rustls::TlsConnector;
+use rustls_pki_types::CertificateDer;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
+
+use support::tls_channel;
 
 const TD: &str = "example.org";
 const NODE: &str = "bench-node";
@@ -456,23 +458,6 @@ async fn agent_client(addr: SocketAddr, bundle: &TrustBundle, token: &str) -> Ca
     CaClient::new(tls_channel(addr, config).await)
         .max_decoding_message_size(64 * 1024 * 1024)
         .max_encoding_message_size(64 * 1024 * 1024)
-}
-
-async fn tls_channel(addr: SocketAddr, mut config: ClientConfig) -> Channel {
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    let connector = TlsConnector::from(Arc::new(config));
-    Endpoint::from_static("http://ca.invalid")
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let connector = connector.clone();
-            async move {
-                let tcp = TcpStream::connect(addr).await?;
-                tcp.set_nodelay(true)?;
-                let name = ServerName::try_from("ca.invalid").unwrap();
-                Ok::<_, std::io::Error>(TokioIo::new(connector.connect(name, tcp).await?))
-            }
-        }))
-        .await
-        .unwrap()
 }
 
 /// User + system CPU time of the whole process.

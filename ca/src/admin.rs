@@ -14,12 +14,15 @@ use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt}
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
+use hyper_util::rt::TokioIo;
 use meshward_identity::proto::ca as pb;
+use meshward_identity::proto::ca::admin_client::AdminClient;
 use meshward_identity::proto::ca::admin_server::{Admin, AdminServer};
 use meshward_identity::{SpiffeId, TrustDomain};
-use tokio::net::UnixListener;
+use tokio::net::{UnixListener, UnixStream};
 use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::{Request, Response, Status};
 
 use crate::datastore::{
@@ -58,6 +61,21 @@ pub enum AdminSocketError {
         /// The cause.
         source: io::Error,
     },
+}
+
+/// An admin client on the admin socket at `path` (HTTP/2 over the unix stream), for the CLI and tests.
+///
+/// Fails when nothing listens there: the caller says which CA it meant and what to check.
+pub async fn connect(path: &Path) -> Result<AdminClient<Channel>, tonic::transport::Error> {
+    let path = path.to_path_buf();
+    // tonic requires a URI but the connector ignores it and opens the socket.
+    let channel = Endpoint::from_static("http://admin.sock.invalid")
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let path = path.clone();
+            async move { Ok::<_, io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
+        }))
+        .await?;
+    Ok(AdminClient::new(channel))
 }
 
 /// Removes the admin socket when the server stops, if it is still the one this process made.

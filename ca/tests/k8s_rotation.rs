@@ -11,12 +11,13 @@
     clippy::indexing_slicing
 )]
 
+mod support;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use hyper_util::rt::TokioIo;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::api::{Api, ObjectMeta, PostParams};
@@ -38,12 +39,12 @@ use meshward_kube_fake::FakeApiServer;
 use meshward_kube_fake::fixture::create_namespace;
 use meshward_kube_fake::real::{RealApiServer, SKIP_MESSAGE};
 use rustls::ClientConfig;
-use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
-use tokio::net::{TcpStream, UnixStream};
-use tokio_rustls::TlsConnector;
+use rustls_pki_types::{CertificateDer, UnixTime};
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
+
+use support::tls_channel;
 
 const TD: &str = "example.org";
 
@@ -159,18 +160,9 @@ impl Replica {
     }
 
     async fn admin(&self) -> AdminClient<Channel> {
-        let path = self.admin_socket.clone();
-        let channel =
-            Endpoint::from_static("http://admin.invalid")
-                .connect_with_connector(tower::service_fn(move |_: Uri| {
-                    let path = path.clone();
-                    async move {
-                        Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?))
-                    }
-                }))
-                .await
-                .unwrap();
-        AdminClient::new(channel)
+        meshward_ca::admin::connect(&self.admin_socket)
+            .await
+            .unwrap()
     }
 
     async fn bundle(&self) -> TrustBundle {
@@ -300,22 +292,6 @@ fn chains_to(chain: &[CertificateDer<'static>], bundle: &TrustBundle, node: &str
     let v = verifier(bundle.clone(), &format!("meshward/agent/join/{node}"));
     v.verify(&chain[0], &chain[1..], PeerRole::Client, UnixTime::now())
         .is_ok()
-}
-
-async fn tls_channel(addr: std::net::SocketAddr, mut config: ClientConfig) -> Channel {
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    let connector = TlsConnector::from(Arc::new(config));
-    Endpoint::from_static("http://ca.invalid")
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let connector = connector.clone();
-            async move {
-                let tcp = TcpStream::connect(addr).await?;
-                let name = ServerName::try_from("ca.invalid").unwrap();
-                Ok::<_, std::io::Error>(TokioIo::new(connector.connect(name, tcp).await?))
-            }
-        }))
-        .await
-        .unwrap()
 }
 
 /// The key files in a data dir's key dir, by name.

@@ -9,12 +9,13 @@
     clippy::indexing_slicing
 )]
 
+mod support;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper_util::rt::TokioIo;
 use meshward_ca::config::CaConfig;
 use meshward_ca::server::{RunningCa, start};
 use meshward_identity::bundle::{BundleSet, TrustBundle};
@@ -26,13 +27,14 @@ use meshward_identity::verify::{Expected, PeerVerifier};
 use meshward_identity::x509::{SvidKey, X509Svid, make_csr};
 use meshward_identity::{SpiffeId, TrustDomain};
 use rustls::ClientConfig;
-use rustls_pki_types::{CertificateDer, ServerName};
+use rustls_pki_types::CertificateDer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpStream, UnixStream};
-use tokio_rustls::TlsConnector;
+use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
+
+use support::tls_channel;
 
 const TD: &str = "example.org";
 
@@ -68,18 +70,9 @@ impl Ca {
     }
 
     async fn admin(&self) -> AdminClient<Channel> {
-        let path = self.admin_socket.clone();
-        let channel =
-            Endpoint::from_static("http://admin.invalid")
-                .connect_with_connector(tower::service_fn(move |_: Uri| {
-                    let path = path.clone();
-                    async move {
-                        Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?))
-                    }
-                }))
-                .await
-                .unwrap();
-        AdminClient::new(channel)
+        meshward_ca::admin::connect(&self.admin_socket)
+            .await
+            .unwrap()
     }
 
     /// The bundle as an operator would fetch it (`meshward ca bundle show`).
@@ -191,22 +184,6 @@ impl Ca {
             "the admin socket is removed on shutdown"
         );
     }
-}
-
-async fn tls_channel(addr: SocketAddr, mut config: ClientConfig) -> Channel {
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    let connector = TlsConnector::from(Arc::new(config));
-    Endpoint::from_static("http://ca.invalid")
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let connector = connector.clone();
-            async move {
-                let tcp = TcpStream::connect(addr).await?;
-                let name = ServerName::try_from("ca.invalid").unwrap();
-                Ok::<_, std::io::Error>(TokioIo::new(connector.connect(name, tcp).await?))
-            }
-        }))
-        .await
-        .unwrap()
 }
 
 fn attest_request(token: &str, csr: Vec<u8>) -> pb::AttestRequest {

@@ -10,7 +10,6 @@ use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::{Args, Subcommand};
-use hyper_util::rt::TokioIo;
 use meshward_ca::config::{ADMIN_SOCKET_FILE, CaSettings, parse_duration};
 use meshward_ca::datastore::{Selector, validate_node_name};
 use meshward_identity::SpiffeId;
@@ -19,9 +18,8 @@ use meshward_identity::proto::ca::admin_client::AdminClient;
 use meshward_identity::x509::certs_to_pem;
 use rustls_pki_types::CertificateDer;
 use serde_json::{Value, json};
-use tokio::net::UnixStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
 use super::Output;
 
@@ -644,17 +642,9 @@ async fn connect(target: &AdminTarget) -> Result<AdminClient<Channel>, CaCliErro
             path.display()
         ))
     };
-    // The URI is required by tonic but unused: the connector ignores it and opens the socket.
-    let endpoint = Endpoint::from_static("http://admin.sock.invalid");
-    let connect_to = path.clone();
-    let channel = endpoint
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let path = connect_to.clone();
-            async move { Ok::<_, io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
-        }))
+    meshward_ca::admin::connect(&path)
         .await
-        .map_err(|e| unreachable(&path, &error_chain(&e)))?;
-    Ok(AdminClient::new(channel))
+        .map_err(|e| unreachable(&path, &error_chain(&e)))
 }
 
 fn socket_path(target: &AdminTarget) -> Result<PathBuf, CaCliError> {

@@ -15,17 +15,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
 use clap::Args;
-use hyper_util::rt::TokioIo;
 use meshward_ca::config::{ADMIN_SOCKET_FILE, parse_duration};
 use meshward_ca::datastore::{AuthorityState, DB_FILE, Datastore};
 use meshward_identity::proto::ca as ca_pb;
-use meshward_identity::proto::ca::admin_client::AdminClient;
 use meshward_identity::proto::workload as wl_pb;
 use meshward_identity::x509::certs_from_pem;
 use rustls_pki_types::CertificateDer;
 use serde_json::{Value, json};
-use tokio::net::UnixStream;
-use tonic::transport::{Endpoint, Uri};
 use x509_parser::prelude::{FromDer as _, GeneralName, X509Certificate};
 
 use super::{EX_IOERR, EX_NO, EX_NOINPUT, Output};
@@ -331,15 +327,9 @@ async fn ca_certificates(dir: &Path) -> Result<Vec<(String, Vec<u8>)>, CheckErro
 }
 
 async fn admin_certificates(socket: &Path) -> Result<Vec<(String, Vec<u8>)>, String> {
-    let path = socket.to_path_buf();
-    let channel = Endpoint::from_static("http://admin.sock.invalid")
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let path = path.clone();
-            async move { Ok::<_, io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
-        }))
+    let mut client = meshward_ca::admin::connect(socket)
         .await
         .map_err(|e| e.to_string())?;
-    let mut client = AdminClient::new(channel);
     let authorities = client
         .list_authorities(ca_pb::ListAuthoritiesRequest {})
         .await
