@@ -44,11 +44,14 @@ fn main() {
         return;
     }
     println!(
-        "| policies | indexed p50 | indexed p99 | cold (first call per pair) p50 / p99 | plain Cedar p50 | plain Cedar p99 | p99 speed-up |"
+        "| policies | load | indexed p50 | indexed p99 | cold (first call per pair) p50 / p99 | plain Cedar p50 | plain Cedar p99 | p99 speed-up |"
     );
-    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for n in support::SIZES {
+        // Parsing, validating and indexing the set (`PolicySet::from_sources`).
+        let load = Instant::now();
         let set = support::policy_set(n);
+        let load = load.elapsed();
         let requests = support::requests(n);
         let mut cold = time(&set, &requests, requests.len(), Decide::Indexed);
         let mut warm = time(&set, &requests, 100_000, Decide::Indexed);
@@ -62,7 +65,8 @@ fn main() {
         let (c50, c99) = (percentile(&mut cold, 50.0), percentile(&mut cold, 99.0));
         let (p50, p99) = (percentile(&mut plain, 50.0), percentile(&mut plain, 99.0));
         println!(
-            "| {n} | {} | {} | {} / {} | {} | {} | {:.0}x |",
+            "| {n} | {} | {} | {} | {} / {} | {} | {} | {:.0}x |",
+            show(load),
             show(w50),
             show(w99),
             show(c50),

@@ -14,11 +14,14 @@
 //! or unconstrained), and a request is evaluated only against the policies whose scopes can
 //! match its principal, resource and their ancestors (see `authz/index.rs`). For each action of
 //! a pair, a plan (`authz/plan.rs`) then leaves out the policies whose action scope cannot
-//! match, evaluates once those that never read `context`, and gives Cedar only the rest, per
-//! request, with only the context attributes they mention. The
+//! match, evaluates once those that never read `context`, evaluates natively the conditions of
+//! the common shapes (`context.path like "…"`, `==` on context strings, `&&`, …; see
+//! `authz/compiled.rs`), and gives Cedar only the rest, per request, with only the context
+//! attributes they mention. The
 //! `indexed_decision_equals_full_cedar_decision` property test holds all of it to Cedar's answer.
 
 pub mod cases;
+mod compiled;
 mod index;
 mod load;
 mod plan;

@@ -5,14 +5,14 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use cedar_policy::{Effect, Policy, PolicyId, Request, Schema, ValidationMode, Validator};
 use meshward_identity::SpiffeId;
 use miette::Diagnostic;
 
 use super::index::{ScopeIndex, Slice, SliceCache};
-use super::plan::{ContextNeeds, ContextUse, Plan, PlanInput};
+use super::plan::{ContextNeeds, Plan, PlanInput, PolicyFacts};
 use super::request::{Action, AuthzRequest, EntityTypes};
 use super::{Decision, Mode, evaluate};
 use crate::normalize::NormalizedPath;
@@ -63,8 +63,9 @@ pub struct PolicySet {
     origin: String,
     schema: Arc<PolicySchema>,
     policies: Vec<Policy>,
-    /// What each policy does with `context`, worked out when a plan first needs it.
-    context_uses: Vec<OnceLock<ContextUse>>,
+    /// What each policy does with `context`, and its compiled conditions, by position; worked
+    /// out at load so that the first decision of a pair reads no policy text.
+    facts: Vec<PolicyFacts>,
     full: cedar_policy::PolicySet,
     info: BTreeMap<String, PolicyInfo>,
     warnings: Vec<String>,
@@ -352,7 +353,7 @@ impl PolicySet {
             origin: origin.to_owned(),
             index: ScopeIndex::build(&policies),
             schema,
-            context_uses: policies.iter().map(|_| OnceLock::new()).collect(),
+            facts: policies.iter().map(PolicyFacts::of).collect(),
             policies,
             full,
             info,
@@ -480,11 +481,7 @@ impl PolicySet {
         let policies = slice
             .candidates
             .iter()
-            .filter_map(|&i| {
-                let policy = self.policies.get(i)?;
-                let use_ = self.context_uses.get(i)?;
-                Some((policy, *use_.get_or_init(|| ContextUse::of(policy))))
-            })
+            .filter_map(|&i| Some((self.policies.get(i)?, self.facts.get(i)?)))
             .collect();
         let input = PlanInput {
             principal: &slice.principal,

@@ -1,7 +1,7 @@
 //! Plans: what one (principal, action, resource) triple is decided with, worked out once.
 //!
 //! A pair's slice (see `index.rs`) holds every policy whose principal and resource scopes can
-//! match. For one action of that pair, a plan sorts them three ways, each provably without
+//! match. For one action of that pair, a plan sorts them four ways, each provably without
 //! changing Cedar's answer, reasons or errors:
 //!
 //! - *Out*: the action scope cannot match (`action == A` for another action, `action in [..]`
@@ -12,20 +12,32 @@
 //!   action, resource and the pair's entity store — is fixed for the triple, and Cedar's
 //!   evaluation is a pure function of those, so its outcome (satisfied, not, or the same
 //!   error) is the same for every request of the triple. It is evaluated once, here.
+//! - *Compiled*: the policy reads `context`, but its conditions are all shapes `compiled.rs`
+//!   evaluates natively (`context.path like "…"`, `==` on context strings, `&&`, …), which
+//!   cannot error. Its principal and resource scopes are checked once here (the index
+//!   over-approximates them, see `index.rs`); per request only its condition is evaluated,
+//!   against the request's fields, with no Cedar `Context` built.
 //! - *Per request*: the rest, evaluated by Cedar on each decision, with a context holding only
 //!   the attributes they mention ([`ContextNeeds`]). Should that evaluation report any error,
 //!   it is redone with the full context, so error texts are exactly Cedar's.
 //!
-//! Whether a policy reads `context`, and which attributes, comes from its JSON form (EST):
-//! `context` may appear only as the left side of `.attr` or `has attr`; any other use, or a
-//! form this scan does not know, counts as "reads all of it". Attribute names are collected
-//! from every string in the policy, which can only over-approximate.
+//! Whether a policy reads `context`, and which attributes, comes from its JSON form (EST),
+//! computed once per policy when the set is loaded ([`PolicyFacts`]): `context` may appear
+//! only as the left side of `.attr` or `has attr`; any other use, or a form this scan does not
+//! know, counts as "reads all of it". Attribute names are collected from every string in the
+//! policy, which can only over-approximate.
 
-use cedar_policy::{ActionConstraint, Entities, EntityUid, Policy, Request, Response};
+use std::sync::Arc;
+
+use cedar_policy::{
+    ActionConstraint, Entities, EntityUid, Policy, PrincipalConstraint, Request,
+    ResourceConstraint, Response,
+};
 use serde_json::Value;
 
 use super::Decision;
 use super::Mode;
+use super::compiled::Condition;
 use super::request::{AuthzRequest, EntityTypes};
 
 /// Which context attributes a set of policies can observe.
@@ -49,6 +61,23 @@ pub(crate) struct ContextUse {
     pub(crate) needs: ContextNeeds,
 }
 
+/// What the loader works out once per policy, so that building a plan reads no policy text.
+#[derive(Debug, Clone)]
+pub(crate) struct PolicyFacts {
+    /// What it does with `context`.
+    pub(crate) use_: ContextUse,
+    /// Its conditions, natively, when they are all compiled shapes (see `compiled.rs`).
+    pub(crate) condition: Option<Arc<Condition>>,
+}
+
+/// A policy whose conditions are evaluated natively, and whose scopes match the triple.
+#[derive(Debug)]
+struct CompiledPolicy {
+    id: String,
+    permit: bool,
+    condition: Arc<Condition>,
+}
+
 /// The decision procedure for one (principal, action, resource) triple.
 #[derive(Debug)]
 pub(crate) struct Plan {
@@ -58,6 +87,8 @@ pub(crate) struct Plan {
     forbids: Vec<String>,
     /// Errors of settled policies.
     errors: Vec<String>,
+    /// Compiled policies, in set order.
+    compiled: Vec<CompiledPolicy>,
     /// Per-request policies; empty when every policy is settled or out.
     dynamic: cedar_policy::PolicySet,
     needs: ContextNeeds,
@@ -68,8 +99,8 @@ pub(crate) struct PlanInput<'a> {
     pub(crate) principal: &'a EntityUid,
     pub(crate) resource: &'a EntityUid,
     pub(crate) entities: &'a Entities,
-    /// Each candidate policy with what it does with `context`, in set order.
-    pub(crate) policies: Vec<(&'a Policy, ContextUse)>,
+    /// Each candidate policy with what the loader worked out about it, in set order.
+    pub(crate) policies: Vec<(&'a Policy, &'a PolicyFacts)>,
 }
 
 impl ContextNeeds {
@@ -121,6 +152,16 @@ impl ContextNeeds {
 
 impl ContextUse {
     /// What `policy` does with `context`; "reads all of it" when its JSON form is unavailable.
+    #[cfg(test)]
+    pub(crate) fn of(policy: &Policy) -> Self {
+        PolicyFacts::of(policy).use_
+    }
+}
+
+impl PolicyFacts {
+    /// Everything about `policy` a plan needs, from one pass over its JSON form (which
+    /// re-parses the policy's text: tens of microseconds, so once, at load). Without a JSON
+    /// form: reads all of `context`, not compiled.
     pub(crate) fn of(policy: &Policy) -> Self {
         match policy.to_json() {
             Ok(json) => {
@@ -129,11 +170,20 @@ impl ContextUse {
                     needs: ContextNeeds::default(),
                 };
                 scan(&json, &mut use_);
-                use_
+                let condition = if use_.reads {
+                    Condition::of_policy(&json).map(Arc::new)
+                } else {
+                    // Settled per triple anyway; nothing to gain.
+                    None
+                };
+                PolicyFacts { use_, condition }
             }
-            Err(_) => ContextUse {
-                reads: true,
-                needs: ContextNeeds::ALL,
+            Err(_) => PolicyFacts {
+                use_: ContextUse {
+                    reads: true,
+                    needs: ContextNeeds::ALL,
+                },
+                condition: None,
             },
         }
     }
@@ -151,13 +201,32 @@ impl Plan {
         let mut settled_permits = Vec::new();
         let mut settled_forbids = Vec::new();
         let mut dynamic = Vec::new();
+        let mut compiled = Vec::new();
         let mut needs = ContextNeeds::default();
-        for (policy, use_) in &input.policies {
+        for (policy, facts) in &input.policies {
             if !action_scope_can_match(policy.action_constraint(), action, &ancestors) {
                 continue;
             }
-            if use_.reads {
-                needs = needs.union(use_.needs);
+            if let Some(condition) = &facts.condition {
+                // Cedar's condition is `scopes && conditions`: with a false scope the policy
+                // is false, without an error (scopes never error).
+                if principal_scope_holds(
+                    policy.principal_constraint(),
+                    input.principal,
+                    input.entities,
+                ) && resource_scope_holds(
+                    policy.resource_constraint(),
+                    input.resource,
+                    input.entities,
+                ) {
+                    compiled.push(CompiledPolicy {
+                        id: policy.id().to_string(),
+                        permit: policy.effect() == cedar_policy::Effect::Permit,
+                        condition: Arc::clone(condition),
+                    });
+                }
+            } else if facts.use_.reads {
+                needs = needs.union(facts.use_.needs);
                 dynamic.push((*policy).clone());
             } else if policy.effect() == cedar_policy::Effect::Permit {
                 settled_permits.push((*policy).clone());
@@ -182,6 +251,7 @@ impl Plan {
             permits,
             forbids,
             errors,
+            compiled,
             dynamic: cedar_policy::PolicySet::from_policies(dynamic)
                 .map_err(|e| format!("cannot build the policy slice: {e}"))?,
             needs,
@@ -198,13 +268,21 @@ impl Plan {
         types: &EntityTypes,
         mode: Mode,
     ) -> Decision {
+        let mut permits = self.permits.clone();
+        let mut forbids = self.forbids.clone();
+        let mut errors = self.errors.clone();
+        for policy in &self.compiled {
+            if policy.condition.eval(request) {
+                let ids = if policy.permit {
+                    &mut permits
+                } else {
+                    &mut forbids
+                };
+                ids.push(policy.id.clone());
+            }
+        }
         if self.dynamic.is_empty() {
-            return Decision::combine(
-                self.permits.clone(),
-                self.forbids.clone(),
-                self.errors.clone(),
-                mode,
-            );
+            return Decision::combine(permits, forbids, errors, mode);
         }
         let evaluate = |needs: &ContextNeeds| -> Result<Response, String> {
             let context = request.context(&types.ips, needs)?;
@@ -232,9 +310,6 @@ impl Plan {
             Ok(response) => response,
             Err(e) => return Decision::failed(mode, e),
         };
-        let mut permits = self.permits.clone();
-        let mut forbids = self.forbids.clone();
-        let mut errors = self.errors.clone();
         let diagnostics = response.diagnostics();
         errors.extend(diagnostics.errors().map(ToString::to_string));
         // Cedar's reasons are the satisfied permits of an allow, the satisfied forbids of a deny.
@@ -266,6 +341,49 @@ fn settle(
     // All permits: an allow's reasons are the satisfied ones, a deny has none. All forbids:
     // always a deny, whose reasons are the satisfied ones.
     Ok(diagnostics.reason().map(ToString::to_string).collect())
+}
+
+/// Whether a principal scope is true for `principal` (with the pair's entity store).
+fn principal_scope_holds(
+    constraint: PrincipalConstraint,
+    principal: &EntityUid,
+    entities: &Entities,
+) -> bool {
+    match constraint {
+        PrincipalConstraint::Any => true,
+        PrincipalConstraint::Eq(uid) => &uid == principal,
+        PrincipalConstraint::In(uid) => is_in(principal, &uid, entities),
+        PrincipalConstraint::Is(ty) => principal.type_name() == &ty,
+        PrincipalConstraint::IsIn(ty, uid) => {
+            principal.type_name() == &ty && is_in(principal, &uid, entities)
+        }
+    }
+}
+
+/// Whether a resource scope is true for `resource` (with the pair's entity store).
+fn resource_scope_holds(
+    constraint: ResourceConstraint,
+    resource: &EntityUid,
+    entities: &Entities,
+) -> bool {
+    match constraint {
+        ResourceConstraint::Any => true,
+        ResourceConstraint::Eq(uid) => &uid == resource,
+        ResourceConstraint::In(uid) => is_in(resource, &uid, entities),
+        ResourceConstraint::Is(ty) => resource.type_name() == &ty,
+        ResourceConstraint::IsIn(ty, uid) => {
+            resource.type_name() == &ty && is_in(resource, &uid, entities)
+        }
+    }
+}
+
+/// Cedar's `entity in group`: equal, or `group` is among its ancestors in the store (an
+/// entity the store lacks has none).
+fn is_in(entity: &EntityUid, group: &EntityUid, entities: &Entities) -> bool {
+    entity == group
+        || entities
+            .ancestors(entity)
+            .is_some_and(|mut ancestors| ancestors.any(|a| a == group))
 }
 
 /// Whether a policy's action scope can be true for `action` (with `ancestors`, its groups).

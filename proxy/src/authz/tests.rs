@@ -516,6 +516,67 @@ fn an_error_under_a_cut_context_reads_as_under_the_full_context() {
     assert_eq!(fine.policies, ["all"]);
 }
 
+#[test]
+fn compiled_conditions_decide_beside_cedar_with_cedar_errors() {
+    // `c` and `f` are compiled (`compiled.rs`); `e` reads an entity the store lacks, so it
+    // stays with Cedar and errors when its path clause holds.
+    let set = set(r#"
+        @id("c") permit (principal, action, resource) when { context.path like "/a*" };
+        @id("f") forbid (principal, action == Action::"POST", resource)
+        when { context.method == "POST" && context.path == "/a/x" };
+        @id("e") permit (principal, action, resource)
+        when { context.path == "/a" && Workload::"spiffe://a.org/ns/ghost/sa/none".namespace == "ghost" };
+    "#);
+    let erring = req(WEB, "GET", API, Some("/a"));
+    let d = set.decide(&erring, Mode::Enforce);
+    assert!(!d.allowed, "{d:?}");
+    assert!(d.policies.is_empty(), "{d:?}");
+    assert_eq!(d.errors.len(), 1, "{d:?}");
+    assert!(d.errors[0].contains("ghost"), "{d:?}");
+    assert_eq!(d, set.decide_unindexed(&erring, Mode::Enforce));
+    let allowed = req(WEB, "GET", API, Some("/a/y"));
+    let d = set.decide(&allowed, Mode::Enforce);
+    assert!(d.allowed && d.errors.is_empty(), "{d:?}");
+    assert_eq!(d.policies, ["c"]);
+    assert_eq!(d, set.decide_unindexed(&allowed, Mode::Enforce));
+    let forbidden = req(WEB, "POST", API, Some("/a/x"));
+    let d = set.decide(&forbidden, Mode::Enforce);
+    assert!(!d.allowed && d.errors.is_empty(), "{d:?}");
+    assert_eq!(d.policies, ["f"]);
+    assert_eq!(d, set.decide_unindexed(&forbidden, Mode::Enforce));
+    let unmatched = req(WEB, "GET", API, Some("/b"));
+    let d = set.decide(&unmatched, Mode::Enforce);
+    assert_eq!(d, Decision::no_policy_permits(Mode::Enforce));
+    assert_eq!(d, set.decide_unindexed(&unmatched, Mode::Enforce));
+}
+
+#[test]
+fn a_compiled_policy_applies_only_where_its_scopes_hold() {
+    // The index files `in Namespace::"billing"` under that namespace and `is Workload in
+    // TrustDomain::"b.org"` under that trust domain; the plan checks them for the pair.
+    let set = set(r#"
+        @id("ns") permit (principal in Namespace::"billing", action, resource)
+        when { context.path like "*" };
+        @id("td") permit (principal is Workload in TrustDomain::"b.org", action, resource)
+        when { context.path like "*" };
+        @id("res") permit (principal, action, resource == Workload::"spiffe://a.org/ns/shop/sa/api")
+        when { context.path == "/r" };
+    "#);
+    for (principal, resource, path, expected) in [
+        (WEB, API, "/x", vec![]),
+        ("spiffe://a.org/ns/billing/sa/web", API, "/x", vec!["ns"]),
+        ("spiffe://b.org/ns/shop/sa/web", API, "/x", vec!["td"]),
+        (WEB, API, "/r", vec!["res"]),
+        (API, WEB, "/r", vec![]),
+    ] {
+        let r = req(principal, "GET", resource, Some(path));
+        let d = set.decide(&r, Mode::Enforce);
+        assert_eq!(d.policies, expected, "{r:?}");
+        assert_eq!(d.allowed, !expected.is_empty(), "{r:?}");
+        assert_eq!(d, set.decide_unindexed(&r, Mode::Enforce));
+    }
+}
+
 // ---- the index equals plain Cedar ----
 
 const WORKLOADS: &[&str] = &[
@@ -576,6 +637,30 @@ fn condition() -> impl Strategy<Value = String> {
              sourceIp: ip(\"10.1.2.3\"), tls: { version: \"\", cipher: \"\", alpn: \"\" } } }"
                 .to_owned()
         ),
+        // Compiled shapes (`compiled.rs`): `like` (wildcards, escaped star, empty pattern),
+        // `==` / `!=` on context strings, `&&`, `||`, `!`, `if`, `has`, constants.
+        Just("when { context.path like \"/a*\" && context.method != \"POST\" }".to_owned()),
+        Just("when { context.path like \"*\" }".to_owned()),
+        Just("when { context.path like \"\" }".to_owned()),
+        Just("when { context.path like \"/a\\*\" }".to_owned()),
+        Just("unless { context.path like \"*/x\" || context.host == \"api.shop\" }".to_owned()),
+        Just(
+            "when { context has tls && context.tls has alpn && context.tls.alpn != \"h2\" }"
+                .to_owned()
+        ),
+        Just(
+            "when { if context.method == \"GET\" then context.path == \"/a\" else !(context.tls.version == \"\") }"
+                .to_owned()
+        ),
+        Just("when { context has sourceIp } unless { context.tls.version == \"\" }".to_owned()),
+        Just("when { false || context.path == \"/a*\" }".to_owned()),
+        // Compiled clauses beside ones Cedar must evaluate, in one policy.
+        Just("when { context.path like \"/a*\" && principal.namespace == \"shop\" }".to_owned()),
+        Just("when { context.path == \"/b\" } when { resource in Namespace::\"shop\" }".to_owned()),
+        Just(
+            "when { context.path like \"/a*\" } unless { context.sourceIp.isInRange(ip(\"10.0.0.0/8\")) }"
+                .to_owned()
+        ),
         // Errors at run time: the entity is not in the store.
         Just(
             "when { Workload::\"spiffe://a.org/ns/ghost/sa/none\".namespace == \"ghost\" }"
@@ -622,7 +707,7 @@ type Ctx = (
 
 fn context() -> impl Strategy<Value = Ctx> {
     (
-        prop::sample::select(&["/a", "/b", "/a/x"][..]),
+        prop::sample::select(&["/a", "/b", "/a/x", "/a*", "/"][..]),
         prop::sample::select(&["", "api.shop"][..]),
         prop::sample::select(&[[10, 1, 2, 3], [192, 168, 0, 1]][..]),
         prop::sample::select(&["", "h2"][..]),
