@@ -33,6 +33,7 @@ use meshward_identity::proto::workload::spiffe_workload_api_server::{
     SpiffeWorkloadApi, SpiffeWorkloadApiServer,
 };
 use meshward_identity::{SpiffeId, SpiffeIdError};
+use ring::digest;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::WatchStream;
 use tonic::codec::{BufferSettings, Codec};
@@ -50,7 +51,7 @@ use crate::svid_cache::{CacheError, CacheSnapshot, CachedEntry};
 /// The metadata key every Workload API call must carry, with the value `true`.
 pub const SECURITY_HEADER: &str = "workload.spiffe.io";
 
-/// The encode buffer of a `FetchX509SVID` stream: it lives as long as the stream, one per workload,
+/// The encode buffer of a Workload API stream: it lives as long as the stream, one per workload,
 /// and grows to the message if needed (tonic's default is 8 kB, a sixth of a stream's memory).
 const STREAM_ENCODE_BUFFER: usize = 1024;
 
@@ -63,8 +64,8 @@ pub fn server(services: Services) -> WorkloadApiServer {
     }
 }
 
-/// The generated Workload API server, except that `FetchX509SVID` streams encode with a small
-/// buffer ([`STREAM_ENCODE_BUFFER`]).
+/// The generated Workload API server, except that its streams (`FetchX509SVID`,
+/// `FetchX509Bundles`, `FetchJWTBundles`) encode with a small buffer ([`STREAM_ENCODE_BUFFER`]).
 #[derive(Debug, Clone)]
 pub struct WorkloadApiServer {
     api: Arc<WorkloadApi>,
@@ -85,30 +86,71 @@ impl Service<http::Request<tonic::body::Body>> for WorkloadApiServer {
     }
 
     fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
-        if request.uri().path() != "/SpiffeWorkloadAPI/FetchX509SVID" {
-            return self.generated.call(request);
+        let api = self.api.clone();
+        match request.uri().path() {
+            "/SpiffeWorkloadAPI/FetchX509SVID" => {
+                small_stream::<pb::X509svidRequest, pb::X509svidResponse>(
+                    Follow(api, |api, r| {
+                        Box::pin(async move { api.fetch_x509svid(r).await })
+                    }),
+                    request,
+                )
+            }
+            "/SpiffeWorkloadAPI/FetchX509Bundles" => {
+                small_stream::<pb::X509BundlesRequest, pb::X509BundlesResponse>(
+                    Follow(api, |api, r| {
+                        Box::pin(async move { api.fetch_x509_bundles(r).await })
+                    }),
+                    request,
+                )
+            }
+            "/SpiffeWorkloadAPI/FetchJWTBundles" => {
+                small_stream::<pb::JwtBundlesRequest, pb::JwtBundlesResponse>(
+                    Follow(api, |api, r| {
+                        Box::pin(async move { api.fetch_jwt_bundles(r).await })
+                    }),
+                    request,
+                )
+            }
+            _ => self.generated.call(request),
         }
-        let method = FetchX509Svid(self.api.clone());
-        Box::pin(async move {
-            let codec = SmallEncodeCodec::<pb::X509svidResponse, pb::X509svidRequest>::default();
-            Ok(tonic::server::Grpc::new(codec)
-                .server_streaming(method, request)
-                .await)
-        })
     }
 }
 
-/// `FetchX509SVID`, for [`WorkloadApiServer`].
-struct FetchX509Svid(Arc<WorkloadApi>);
+/// Serves a server-streaming call of `method` with a [`STREAM_ENCODE_BUFFER`] encode buffer.
+fn small_stream<Req, Res>(
+    method: Follow<Req, Res>,
+    request: http::Request<tonic::body::Body>,
+) -> BoxFuture<http::Response<tonic::body::Body>, Infallible>
+where
+    Req: prost::Message + Default + Send + 'static,
+    Res: prost::Message + Unpin + Send + 'static,
+{
+    Box::pin(async move {
+        let codec = SmallEncodeCodec::<Res, Req>::default();
+        Ok(tonic::server::Grpc::new(codec)
+            .server_streaming(method, request)
+            .await)
+    })
+}
 
-impl ServerStreamingService<pb::X509svidRequest> for FetchX509Svid {
-    type Response = pb::X509svidResponse;
-    type ResponseStream = FollowStream<pb::X509svidResponse>;
+/// A streaming Workload API method, for [`WorkloadApiServer`].
+struct Follow<Req, Res>(Arc<WorkloadApi>, OpenFn<Req, Res>);
+
+/// Opens a [`FollowStream`] for a request.
+type OpenFn<Req, Res> =
+    fn(Arc<WorkloadApi>, Request<Req>) -> BoxFuture<Response<FollowStream<Res>>, Status>;
+
+impl<Req, Res> ServerStreamingService<Req> for Follow<Req, Res>
+where
+    Res: prost::Message + Unpin + Send + 'static,
+{
+    type Response = Res;
+    type ResponseStream = FollowStream<Res>;
     type Future = BoxFuture<Response<Self::ResponseStream>, Status>;
 
-    fn call(&mut self, request: Request<pb::X509svidRequest>) -> Self::Future {
-        let api = self.0.clone();
-        Box::pin(async move { api.fetch_x509svid(request).await })
+    fn call(&mut self, request: Request<Req>) -> Self::Future {
+        (self.1)(self.0.clone(), request)
     }
 }
 
@@ -157,8 +199,9 @@ pub struct FollowStream<R> {
     build: Box<BuildFn<R>>,
     /// The message to send next, if any.
     next: Option<R>,
-    /// The message sent last: an unchanged view is not sent again.
-    last: Option<R>,
+    /// The digest of the message sent last: an unchanged view is not sent again. A digest, not
+    /// the message (the SVIDs, key and bundle: a kilobyte or more per stream).
+    last: Option<digest::Digest>,
     /// Set once the stream has ended (after a failure was sent).
     done: bool,
     method: &'static str,
@@ -177,7 +220,7 @@ impl<R> std::fmt::Debug for FollowStream<R> {
     }
 }
 
-impl<R: Clone + PartialEq + Unpin> Stream for FollowStream<R> {
+impl<R: prost::Message + Unpin> Stream for FollowStream<R> {
     type Item = Result<R, Status>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
@@ -186,12 +229,13 @@ impl<R: Clone + PartialEq + Unpin> Stream for FollowStream<R> {
             if this.done {
                 return Poll::Ready(None);
             }
-            if let Some(message) = this.next.take()
-                && this.last.as_ref() != Some(&message)
-            {
-                this.last = Some(message.clone());
-                this.metrics.stream_push(this.method);
-                return Poll::Ready(Some(Ok(message)));
+            if let Some(message) = this.next.take() {
+                let sum = digest::digest(&digest::SHA256, &message.encode_to_vec());
+                if this.last.as_ref().map(digest::Digest::as_ref) != Some(sum.as_ref()) {
+                    this.last = Some(sum);
+                    this.metrics.stream_push(this.method);
+                    return Poll::Ready(Some(Ok(message)));
+                }
             }
             // `None` once the cache worker is gone: the agent is shutting down. Ending the
             // stream (instead of leaving it open forever) lets clients reconnect.
@@ -458,7 +502,7 @@ impl WorkloadApi {
         mut build: F,
     ) -> Result<FollowStream<R>, WorkloadApiError>
     where
-        R: Clone + PartialEq + Send + Unpin + 'static,
+        R: prost::Message + Send + Unpin + 'static,
         F: FnMut(&CacheSnapshot) -> Result<Option<R>, WorkloadApiError> + Send + 'static,
     {
         let mut snapshots = self.services.cache.subscribe();
