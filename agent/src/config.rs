@@ -93,42 +93,10 @@ pub struct K8sAgentConfig {
     pub kubeconfig: Option<PathBuf>,
 }
 
-/// Why the configuration is unusable. The CLI prints it on one line and exits 64.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// A required setting was given nowhere.
-    #[error("`{setting}` is required: pass `--{flag}`, set `{env}`, or put `{setting}` in the config file", flag = setting.replace('_', "-"), env = format!("MESHWARD_AGENT_{}", setting.to_ascii_uppercase()))]
-    Missing {
-        /// The setting's name (`ca`).
-        setting: &'static str,
-    },
-    /// A setting's value does not parse or is out of range.
-    #[error("invalid `{setting}` `{value}`: {reason}")]
-    Invalid {
-        /// The setting's name.
-        setting: &'static str,
-        /// The value as given (never a secret).
-        value: String,
-        /// What is wrong and what is accepted.
-        reason: String,
-    },
-    /// The config file could not be read.
-    #[error("cannot read config file `{}`: {source}", path.display())]
-    ReadFile {
-        /// The file.
-        path: PathBuf,
-        /// The cause.
-        source: std::io::Error,
-    },
-    /// The config file is not valid TOML for these settings.
-    #[error("config file `{}` is invalid: {message}", path.display())]
-    ParseFile {
-        /// The file.
-        path: PathBuf,
-        /// What the TOML parser said, on one line.
-        message: String,
-    },
-}
+pub use meshward_ops::config::ConfigError;
+
+/// This part's name in [`ConfigError::Missing`] (its env variables are `MESHWARD_AGENT_*`).
+const PART: &str = "agent";
 
 /// Raw settings from flags, env or a TOML file; every field optional, nothing validated yet.
 ///
@@ -256,20 +224,12 @@ impl AgentConfig {
 impl AgentSettings {
     /// Parses a TOML config file's text; `path` is only for the error message.
     pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::ParseFile {
-            path: path.to_path_buf(),
-            // toml's messages span several lines with a source excerpt; keep one line.
-            message: e.message().trim().replace('\n', " "),
-        })
+        meshward_ops::config::parse_toml(text, path)
     }
 
     /// Reads and parses a TOML config file.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Self::from_toml(&text, path)
+        meshward_ops::config::read_toml(path)
     }
 
     /// These settings, with any gaps filled from `fallback` (e.g. flags over the config file).
@@ -294,9 +254,16 @@ impl AgentSettings {
 
     /// Parses and validates every setting, applying defaults for the missing optional ones.
     pub fn into_config(self) -> Result<AgentConfig, ConfigError> {
-        let required =
-            |value: Option<PathBuf>, setting| value.ok_or(ConfigError::Missing { setting });
-        let ca_addr = self.ca.ok_or(ConfigError::Missing { setting: "ca" })?;
+        let required = |value: Option<PathBuf>, setting| {
+            value.ok_or(ConfigError::Missing {
+                part: PART,
+                setting,
+            })
+        };
+        let ca_addr = self.ca.ok_or(ConfigError::Missing {
+            part: PART,
+            setting: "ca",
+        })?;
         let mut config = AgentConfig::new(
             ca_addr,
             required(self.trust_bundle, "trust_bundle")?,
@@ -349,6 +316,7 @@ impl AgentSettings {
                 self.node_name
                     .filter(|n| !n.trim().is_empty())
                     .ok_or(ConfigError::Missing {
+                        part: PART,
                         setting: "node_name",
                     })?;
             config.k8s = Some(K8sAgentConfig {
@@ -466,6 +434,7 @@ mod tests {
             matches!(
                 err,
                 ConfigError::Missing {
+                    part: PART,
                     setting: "node_name"
                 }
             ),
@@ -481,6 +450,7 @@ mod tests {
             matches!(
                 err,
                 ConfigError::Missing {
+                    part: PART,
                     setting: "psat_token_file"
                 }
             ),
@@ -512,7 +482,13 @@ mod tests {
         }
         .into_config()
         .unwrap_err();
-        assert!(matches!(err, ConfigError::Missing { setting: "ca" }));
+        assert!(matches!(
+            err,
+            ConfigError::Missing {
+                part: PART,
+                setting: "ca"
+            }
+        ));
         let text = err.to_string();
         assert!(
             text.contains("`--ca`") && text.contains("`MESHWARD_AGENT_CA`"),
@@ -524,7 +500,13 @@ mod tests {
         }
         .into_config()
         .unwrap_err();
-        assert!(matches!(err, ConfigError::Missing { setting: "socket" }));
+        assert!(matches!(
+            err,
+            ConfigError::Missing {
+                part: PART,
+                setting: "socket"
+            }
+        ));
     }
 
     #[test]

@@ -72,42 +72,10 @@ pub struct CaConfig {
     pub webhook: Option<crate::webhook::WebhookConfig>,
 }
 
-/// Why the configuration is unusable. The CLI prints it on one line and exits 64.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// A required setting was given nowhere.
-    #[error("`{setting}` is required: pass `--{flag}`, set `{env}`, or put `{setting}` in the config file", flag = flag_name(setting), env = env_name(setting))]
-    Missing {
-        /// The setting's name (`trust_domain`).
-        setting: &'static str,
-    },
-    /// A setting's value does not parse or is out of range.
-    #[error("invalid `{setting}` `{value}`: {reason}")]
-    Invalid {
-        /// The setting's name.
-        setting: &'static str,
-        /// The value as given.
-        value: String,
-        /// What is wrong and what is accepted.
-        reason: String,
-    },
-    /// The config file could not be read.
-    #[error("cannot read config file `{}`: {source}", path.display())]
-    ReadFile {
-        /// The file.
-        path: PathBuf,
-        /// The cause.
-        source: std::io::Error,
-    },
-    /// The config file is not valid TOML for these settings.
-    #[error("config file `{}` is invalid: {message}", path.display())]
-    ParseFile {
-        /// The file.
-        path: PathBuf,
-        /// What the TOML parser said, on one line.
-        message: String,
-    },
-}
+pub use meshward_ops::config::ConfigError;
+
+/// This part's name in [`ConfigError::Missing`] (its env variables are `MESHWARD_CA_*`).
+const PART: &str = "ca";
 
 /// Raw settings from flags, env or a TOML file; every field optional, nothing validated yet.
 ///
@@ -260,20 +228,12 @@ impl CaConfig {
 impl CaSettings {
     /// Parses a TOML config file's text; `path` is only for the error message.
     pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::ParseFile {
-            path: path.to_path_buf(),
-            // toml's messages span several lines with a source excerpt; keep one line.
-            message: e.message().to_owned(),
-        })
+        meshward_ops::config::parse_toml(text, path)
     }
 
     /// Reads and parses a TOML config file.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Self::from_toml(&text, path)
+        meshward_ops::config::read_toml(path)
     }
 
     /// These settings, with any gaps filled from `fallback` (e.g. flags over the config file).
@@ -316,6 +276,7 @@ impl CaSettings {
     /// Parses and validates every setting, applying defaults for the missing optional ones.
     pub fn into_config(self) -> Result<CaConfig, ConfigError> {
         let data_dir = self.data_dir.ok_or(ConfigError::Missing {
+            part: PART,
             setting: "data_dir",
         })?;
         if data_dir.as_os_str().is_empty() {
@@ -325,9 +286,12 @@ impl CaSettings {
                 "give a directory".to_owned(),
             ));
         }
-        let listen = parse_addr("listen", self.listen.as_deref())?
-            .ok_or(ConfigError::Missing { setting: "listen" })?;
+        let listen = parse_addr("listen", self.listen.as_deref())?.ok_or(ConfigError::Missing {
+            part: PART,
+            setting: "listen",
+        })?;
         let td_text = self.trust_domain.ok_or(ConfigError::Missing {
+            part: PART,
             setting: "trust_domain",
         })?;
         let trust_domain = td_text
@@ -436,14 +400,6 @@ fn invalid(setting: &'static str, value: String, reason: String) -> ConfigError 
         value,
         reason,
     }
-}
-
-fn flag_name(setting: &str) -> String {
-    setting.replace('_', "-")
-}
-
-fn env_name(setting: &str) -> String {
-    format!("MESHWARD_CA_{}", setting.to_ascii_uppercase())
 }
 
 #[cfg(test)]

@@ -2,13 +2,16 @@
 //!
 //! - [`admin`]: the admin HTTP port, `/metrics` (Prometheus text), `/ready`, `/live`; each part
 //!   brings its own metrics and readiness check.
+//! - [`config`]: a part's TOML settings file and [`ConfigError`], said the same way by every part.
 //! - [`duration`]: human durations in flags and config files (`30s`, `10m`, `1h30m`, `7d`), parsed
 //!   with errors that say what is wrong, and shown back the same way.
 //!
 //! It depends on nothing of ours, so any part can use it without importing another part.
 
 pub mod admin;
+pub mod config;
 pub mod duration;
 
 pub use admin::{AdminEndpoint, MetricsText, Readiness, ReadyCheck};
+pub use config::ConfigError;
 pub use duration::{DurationError, format_duration, parse_duration};

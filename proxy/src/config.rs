@@ -148,45 +148,10 @@ pub struct Limits {
     pub connect_timeout: Duration,
 }
 
-/// Why the configuration is unusable. The CLI prints it on one line and exits 64.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// A required setting was given nowhere.
-    #[error("`{setting}` is required: pass `--{flag}`, set `{env}`, or put `{setting}` in the config file", flag = setting.replace('_', "-"), env = format!("MESHWARD_PROXY_{}", setting.to_ascii_uppercase()))]
-    Missing {
-        /// The setting's name.
-        setting: &'static str,
-    },
-    /// A setting's value does not parse or is out of range.
-    #[error("invalid `{setting}` `{value}`: {reason}")]
-    Invalid {
-        /// The setting's name.
-        setting: &'static str,
-        /// The value as given.
-        value: String,
-        /// What is wrong and what is accepted.
-        reason: String,
-    },
-    /// Both identity sources, or two listeners on one address.
-    #[error("{0}")]
-    Conflict(String),
-    /// The config file could not be read.
-    #[error("cannot read config file `{}`: {source}", path.display())]
-    ReadFile {
-        /// The file.
-        path: PathBuf,
-        /// The cause.
-        source: std::io::Error,
-    },
-    /// The config file is not valid TOML for these settings.
-    #[error("config file `{}` is invalid: {message}", path.display())]
-    ParseFile {
-        /// The file.
-        path: PathBuf,
-        /// What the TOML parser said, on one line.
-        message: String,
-    },
-}
+pub use meshward_ops::config::ConfigError;
+
+/// This part's name in [`ConfigError::Missing`] (its env variables are `MESHWARD_PROXY_*`).
+const PART: &str = "proxy";
 
 /// Raw settings from flags, env or a TOML file; every field optional, nothing validated yet.
 ///
@@ -368,14 +333,7 @@ impl ProxyConfig {
 impl ProxySettings {
     /// Reads the TOML config file.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
-            path: path.to_owned(),
-            source,
-        })?;
-        toml::from_str(&text).map_err(|e| ConfigError::ParseFile {
-            path: path.to_owned(),
-            message: e.to_string().replace('\n', " "),
-        })
+        meshward_ops::config::read_toml(path)
     }
 
     /// These settings, with every unset one taken from `fallback` (flags and env over the file).
@@ -424,14 +382,21 @@ impl ProxySettings {
             }
             (Some(socket), None) => IdentitySource::WorkloadApi(socket),
             (None, Some(dir)) => IdentitySource::SvidDir(dir),
-            (None, None) => return Err(ConfigError::Missing { setting: "socket" }),
+            (None, None) => {
+                return Err(ConfigError::Missing {
+                    part: PART,
+                    setting: "socket",
+                });
+            }
         };
         let policies = self.policies.ok_or(ConfigError::Missing {
+            part: PART,
             setting: "policies",
         })?;
-        let audit = self
-            .audit
-            .ok_or(ConfigError::Missing { setting: "audit" })?;
+        let audit = self.audit.ok_or(ConfigError::Missing {
+            part: PART,
+            setting: "audit",
+        })?;
         let mut config = ProxyConfig::new(identity, policies, audit);
         config.dry_run_policies = self.dry_run_policies;
         config.schema = self.schema;

@@ -71,7 +71,8 @@ fn missing_required_settings_name_the_flag_and_env() {
     assert!(matches!(
         err,
         ConfigError::Missing {
-            setting: "trust_domain"
+            setting: "trust_domain",
+            ..
         }
     ));
     let text = err.to_string();
@@ -96,7 +97,7 @@ fn missing_required_settings_name_the_flag_and_env() {
         ),
     ] {
         assert!(
-            matches!(s.into_config(), Err(ConfigError::Missing { setting: got }) if got == setting)
+            matches!(s.into_config(), Err(ConfigError::Missing { setting: got, .. }) if got == setting)
         );
     }
 }
