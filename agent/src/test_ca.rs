@@ -4,7 +4,6 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use hyper_util::rt::TokioIo;
 use meshward_ca::config::CaConfig;
 use meshward_ca::server::RunningCa;
 use meshward_identity::TrustDomain;
@@ -12,9 +11,8 @@ use meshward_identity::proto::ca as pb;
 use meshward_identity::proto::ca::admin_client::AdminClient;
 use meshward_identity::x509::certs_to_pem;
 use rustls_pki_types::CertificateDer;
-use tokio::net::UnixStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
 use crate::config::{AgentConfig, JoinToken};
 
@@ -71,18 +69,9 @@ impl TestCa {
     }
 
     pub async fn admin(&self) -> AdminClient<Channel> {
-        let path = self.config.admin_socket.clone();
-        let channel =
-            Endpoint::from_static("http://admin")
-                .connect_with_connector(tower::service_fn(move |_: Uri| {
-                    let path = path.clone();
-                    async move {
-                        Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?))
-                    }
-                }))
-                .await
-                .unwrap();
-        AdminClient::new(channel)
+        meshward_ca::admin::connect(&self.config.admin_socket)
+            .await
+            .unwrap()
     }
 
     pub async fn token(&self, node: &str) -> JoinToken {
