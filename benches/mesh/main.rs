@@ -14,11 +14,18 @@
 //! closed-loop throughput, fixed-rate latency from the intended send time, and each proxy
 //! process's VmRSS/VmHWM and CPU time. Rounds alternate which implementation goes first.
 //!
-//! Run it with `scripts/bench-proxy` (builds `meshward` in release, installs Envoy, runs this).
+//! CPU pinning (on by default with 2+ CPUs; `MESHWARD_BENCH_PIN=off` turns it off), the same for
+//! both pairs: the load tool and the backend run on CPU 0, both sidecars on CPU 1 (`taskset`), so
+//! the sidecars of a pair share one core and never migrate, and the load tool's pacer is not
+//! preempted by the sidecars it measures. Throughput then shows what one core of sidecars does.
+//!
+//! Run it with `scripts/bench-proxy` (builds `meshward` with the `dist` profile, the shipped
+//! build; installs Envoy; runs this).
 //! Settings (env): `MESHWARD_BIN`, `MESHWARD_ENVOY`, `MESHWARD_BENCH_SECS` (closed loop, 8),
 //! `MESHWARD_BENCH_FIXED_SECS` (8), `MESHWARD_BENCH_RATE` (2000), `MESHWARD_BENCH_CONCURRENCY`
 //! (32), `MESHWARD_BENCH_ROUNDS` (2), `MESHWARD_BENCH_PROTOS` (`h1,h2`), `MESHWARD_BENCH_ONLY`
-//! (`meshward` or `envoy`), `MESHWARD_BENCH_KEEP` (keep the work directory).
+//! (`meshward` or `envoy`), `MESHWARD_BENCH_PIN` (`on`/`off`), `MESHWARD_BENCH_KEEP` (keep the
+//! work directory).
 
 mod backend;
 mod envoy;
@@ -46,6 +53,10 @@ const H2_CONNECTIONS: usize = 4;
 const FIXED_RATE_H1_CONNECTIONS: usize = 64;
 const WARMUP: Duration = Duration::from_secs(2);
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// With pinning: the CPU of the load tool (this process) and the backend.
+const LOAD_CPU: &str = "0";
+/// With pinning: the CPU both sidecars of a pair share.
+const SIDECAR_CPU: &str = "1";
 
 fn main() -> ExitCode {
     if std::env::var(backend::ROLE_ENV).as_deref() == Ok("backend") {
@@ -92,6 +103,7 @@ struct Settings {
     rounds: usize,
     protos: Vec<Proto>,
     impls: Vec<Impl>,
+    pin: bool,
     keep: bool,
 }
 
@@ -115,11 +127,25 @@ fn run() -> anyhow::Result<()> {
         .prefix("meshward-bench-")
         .tempdir()?;
     let dir = work.path();
+    // Before pinning, which would make it count one CPU.
+    let machine = machine();
+    if settings.pin {
+        // Before any thread exists, so the runtime and the pacer thread inherit it.
+        pin_self(LOAD_CPU)?;
+    }
     write_pki(dir)?;
     write_policies(dir)?;
-    println!("{}", machine());
+    println!("{machine}");
     println!("meshward: {}", settings.meshward.display());
     println!("envoy:    {}", settings.envoy.display());
+    println!(
+        "pinning:  {}",
+        if settings.pin {
+            format!("load tool + backend on CPU {LOAD_CPU}, both sidecars on CPU {SIDECAR_CPU}")
+        } else {
+            "off".to_owned()
+        }
+    );
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -128,7 +154,7 @@ fn run() -> anyhow::Result<()> {
     let backend_addr = free_addr()?;
     let backend = Proc::spawn(
         "backend",
-        Command::new(std::env::current_exe()?)
+        command(&std::env::current_exe()?, settings.pin.then_some(LOAD_CPU))
             .env(backend::ROLE_ENV, "backend")
             .env(backend::LISTEN_ENV, backend_addr.to_string()),
         dir,
@@ -173,7 +199,7 @@ fn run() -> anyhow::Result<()> {
                     .block_on(run_pair(&settings, dir, backend_addr, imp, proto))
                     .with_context(|| format!("{} over {}", imp.label(), proto.label()))?;
                 println!(
-                    "round {} {:<10} {:<8}: {:>7.0} req/s ({} errors), fixed {} req/s ({} ok) p50 {:>5.0} us p99 {:>6.0} us p99.9 {:>6.0} us max {:>6.0} us (lateness p99 {:.0} us, {} errors), RSS client {} / server {} KiB (peak {} / {}; anon {} / {}), {:.2} CPU-ms per 1k req",
+                    "round {} {:<10} {:<8}: {:>7.0} req/s ({} errors), fixed {} req/s ({} ok) p50 {:>5.0} us p99 {:>6.0} us p99.9 {:>6.0} us max {:>6.0} us (lateness p99 {:.0} us, {} errors), RSS client {} / server {} KiB (peak {} / {}; anon {} / {}; file {} / {}), {:.2} CPU-ms per 1k req",
                     round + 1,
                     imp.label(),
                     proto.label(),
@@ -193,6 +219,8 @@ fn run() -> anyhow::Result<()> {
                     one.usage[1].hwm_kib,
                     one.usage[0].anon_kib,
                     one.usage[1].anon_kib,
+                    one.usage[0].file_kib,
+                    one.usage[1].file_kib,
                     one.cpu_ms_per_1k,
                 );
                 runs.push(one);
@@ -219,6 +247,7 @@ async fn run_pair(
     proto: Proto,
 ) -> anyhow::Result<Run> {
     let (client_addr, server_addr) = (free_addr()?, free_addr()?);
+    let cpu = settings.pin.then_some(SIDECAR_CPU);
     let tag = format!(
         "{}-{}",
         imp.label().split(' ').next().unwrap_or("x"),
@@ -232,13 +261,14 @@ async fn run_pair(
             let _ = std::fs::remove_file(dir.join(format!("audit-{tag}-client.log")));
             let server = Proc::spawn(
                 &format!("{tag}-server"),
-                meshward(&settings.meshward, dir, "server", &audit)
+                meshward(&settings.meshward, cpu, dir, "server", &audit)
                     .arg("--inbound")
                     .arg(format!("{server_addr}={backend}")),
                 dir,
             )?;
             let mut client_cmd = meshward(
                 &settings.meshward,
+                cpu,
                 dir,
                 "client",
                 &dir.join(format!("audit-{tag}-client.log")),
@@ -272,12 +302,12 @@ async fn run_pair(
             )?;
             let server = Proc::spawn(
                 &format!("{tag}-server"),
-                &mut envoy_cmd(&settings.envoy, &server_cfg),
+                &mut envoy_cmd(&settings.envoy, cpu, &server_cfg),
                 dir,
             )?;
             let client = Proc::spawn(
                 &format!("{tag}-client"),
-                &mut envoy_cmd(&settings.envoy, &client_cfg),
+                &mut envoy_cmd(&settings.envoy, cpu, &client_cfg),
                 dir,
             )?;
             (client, server)
@@ -337,8 +367,8 @@ async fn run_pair(
     })
 }
 
-fn meshward(bin: &Path, dir: &Path, who: &str, audit: &Path) -> Command {
-    let mut cmd = Command::new(bin);
+fn meshward(bin: &Path, cpu: Option<&str>, dir: &Path, who: &str, audit: &Path) -> Command {
+    let mut cmd = command(bin, cpu);
     cmd.env("MESHWARD_LOG", "warn")
         .args([
             "proxy",
@@ -359,8 +389,8 @@ fn meshward(bin: &Path, dir: &Path, who: &str, audit: &Path) -> Command {
     cmd
 }
 
-fn envoy_cmd(bin: &Path, config: &Path) -> Command {
-    let mut cmd = Command::new(bin);
+fn envoy_cmd(bin: &Path, cpu: Option<&str>, config: &Path) -> Command {
+    let mut cmd = command(bin, cpu);
     cmd.arg("-c").arg(config).args([
         "--concurrency",
         "1",
@@ -371,17 +401,45 @@ fn envoy_cmd(bin: &Path, config: &Path) -> Command {
     cmd
 }
 
+/// `bin`, run on CPU `cpu` (through `taskset`, which execs it: the pid stays the program's).
+fn command(bin: &Path, cpu: Option<&str>) -> Command {
+    match cpu {
+        Some(cpu) => {
+            let mut cmd = Command::new("taskset");
+            cmd.args(["-c", cpu]).arg(bin);
+            cmd
+        }
+        None => Command::new(bin),
+    }
+}
+
+/// Pins every thread of this process (the load tool) to `cpu`.
+fn pin_self(cpu: &str) -> anyhow::Result<()> {
+    let pid = std::process::id().to_string();
+    let out = Command::new("taskset")
+        .args(["-a", "-p", "-c", cpu, &pid])
+        .output()
+        .context("run `taskset` (util-linux; or set MESHWARD_BENCH_PIN=off)")?;
+    if !out.status.success() {
+        bail!(
+            "`taskset -a -p -c {cpu} {pid}` failed: {} (set MESHWARD_BENCH_PIN=off)",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
 /// The table for docs/benchmarks.md: medians over the rounds, and the ratios against the bars.
 fn report(settings: &Settings, runs: &[Run]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "| between sidecars | pair | throughput (req/s) | fixed {} req/s p50 | p99 | p99.9 | RSS client + server (KiB) | peak RSS (KiB) | anon RSS (KiB) | CPU-ms / 1k req |",
+        "| between sidecars | pair | throughput (req/s) | fixed {} req/s p50 | p99 | p99.9 | RSS client + server (KiB) | peak RSS (KiB) | anon RSS (KiB) | file RSS (KiB) | CPU-ms / 1k req |",
         settings.rate
     );
     let _ = writeln!(
         out,
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     );
     let mut ratios = String::new();
     for &proto in &settings.protos {
@@ -401,10 +459,11 @@ fn report(settings: &Settings, runs: &[Run]) -> String {
                 m(&|r| (r.usage[0].hwm_kib + r.usage[1].hwm_kib) as f64),
                 m(&|r| r.cpu_ms_per_1k),
                 m(&|r| (r.usage[0].anon_kib + r.usage[1].anon_kib) as f64),
+                m(&|r| (r.usage[0].file_kib + r.usage[1].file_kib) as f64),
             );
             let _ = writeln!(
                 out,
-                "| {} | {} | {:.0} | {:.0} µs | {:.0} µs | {:.0} µs | {:.0} | {:.0} | {:.0} | {:.2} |",
+                "| {} | {} | {:.0} | {:.0} µs | {:.0} µs | {:.0} µs | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} |",
                 proto.label(),
                 imp.label(),
                 row.0,
@@ -414,6 +473,7 @@ fn report(settings: &Settings, runs: &[Run]) -> String {
                 row.4,
                 row.5,
                 row.7,
+                row.8,
                 row.6
             );
             per_impl.push((imp, row));
@@ -496,16 +556,17 @@ fn settings() -> anyhow::Result<Settings> {
         })
     };
     let exe = std::env::current_exe()?;
-    // target/release/deps/proxy_vs_envoy-HASH -> target/release/meshward
+    // target/release/deps/proxy_vs_envoy-HASH -> target/dist/meshward: the shipped build.
     let default_bin = exe
         .parent()
         .and_then(Path::parent)
-        .map(|p| p.join("meshward"))
+        .and_then(Path::parent)
+        .map(|p| p.join("dist").join("meshward"))
         .unwrap_or_default();
     let meshward = env("MESHWARD_BIN").map_or(default_bin, PathBuf::from);
     if !meshward.is_file() {
         bail!(
-            "no meshward binary at `{}`: run `cargo build --release --bin meshward` or set MESHWARD_BIN",
+            "no meshward binary at `{}`: run `cargo build --profile dist --bin meshward` or set MESHWARD_BIN",
             meshward.display()
         );
     }
@@ -528,6 +589,12 @@ fn settings() -> anyhow::Result<Settings> {
         Some("envoy") => vec![Impl::Envoy],
         Some(other) => bail!("`MESHWARD_BENCH_ONLY`: `{other}` is not `meshward` or `envoy`"),
     };
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    let pin = match env("MESHWARD_BENCH_PIN").as_deref() {
+        None | Some("on") => cpus >= 2,
+        Some("off") => false,
+        Some(other) => bail!("`MESHWARD_BENCH_PIN`: `{other}` is not `on` or `off`"),
+    };
     Ok(Settings {
         meshward,
         envoy,
@@ -538,6 +605,7 @@ fn settings() -> anyhow::Result<Settings> {
         rounds: usize::try_from(num("MESHWARD_BENCH_ROUNDS", 2)?)?.max(1),
         protos,
         impls,
+        pin,
         keep: env("MESHWARD_BENCH_KEEP").is_some(),
     })
 }

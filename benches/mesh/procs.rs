@@ -26,6 +26,8 @@ pub struct Usage {
     pub hwm_kib: u64,
     /// RssAnon: the heap and stacks, without the binary's mapped pages.
     pub anon_kib: u64,
+    /// RssFile: mapped file pages (the binary and its libraries) resident in this process.
+    pub file_kib: u64,
     /// utime + stime.
     pub cpu_secs: f64,
 }
@@ -71,6 +73,7 @@ impl Proc {
             rss_kib: field("VmRSS:"),
             hwm_kib: field("VmHWM:"),
             anon_kib: field("RssAnon:"),
+            file_kib: field("RssFile:"),
             cpu_secs: (ticks(11) + ticks(12)) as f64 / TICKS_PER_SEC,
         })
     }
