@@ -295,3 +295,204 @@ fn small_fields_are_not_capped() {
     let path = write_file(dir.path(), 1);
     assert!(!fs::read_to_string(&path).unwrap().contains("truncated"));
 }
+
+// ---- batching and writing ---------------------------------------------------------------------------
+
+/// An event whose line is about 1.3 KB, so batches cross the write thresholds often.
+fn wide_event(thread: usize, i: usize) -> AuditEvent {
+    let mut e = event(i);
+    e.principal = format!("t{thread}-{i}-{}", "x".repeat(800));
+    e
+}
+
+#[test]
+fn appends_from_many_threads_while_syncs_run_make_one_chain() {
+    const THREADS: usize = 6;
+    const PER_THREAD: usize = 500;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    // Background syncs every 32 records or 1 ms, explicit syncs from another thread, and batches
+    // past the 64 KiB (background write) and 128 KiB (written by `append`) marks, all at once.
+    let policy = SyncPolicy {
+        max_delay: Duration::from_millis(1),
+        max_records: 32,
+    };
+    let log = Arc::new(AuditLog::open_with(&path, "node-1", policy).unwrap());
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let syncer = {
+        let (log, done) = (Arc::clone(&log), Arc::clone(&done));
+        std::thread::spawn(move || {
+            let mut syncs = 0u64;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                log.sync().unwrap();
+                syncs += 1;
+            }
+            syncs
+        })
+    };
+    let appenders: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let log = Arc::clone(&log);
+            std::thread::spawn(move || {
+                let mut seqs = Vec::with_capacity(PER_THREAD);
+                for i in 0..PER_THREAD {
+                    seqs.push(log.append(wide_event(t, i)).unwrap().seq);
+                }
+                seqs
+            })
+        })
+        .collect();
+    let mut seqs: Vec<u64> = appenders
+        .into_iter()
+        .flat_map(|h| h.join().unwrap())
+        .collect();
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(syncer.join().unwrap() > 0, "no explicit sync ran");
+    // Every synced record is in the file before `sync` returns.
+    log.sync().unwrap();
+    let total = (THREADS * PER_THREAD) as u64;
+    assert_eq!(log.head().0, total);
+    let report = verify(&path).unwrap();
+    assert_eq!(report.records, total);
+    assert_eq!(report.head, log.head().1);
+    drop(Arc::into_inner(log).unwrap());
+
+    // Each seq was handed out once, and the file holds the records in seq order, each once.
+    seqs.sort_unstable();
+    assert_eq!(seqs, (1..=total).collect::<Vec<_>>());
+    let mut seen = HashSet::new();
+    for (n, r) in AuditReader::open(&path).unwrap().enumerate() {
+        let record = r.unwrap().record;
+        assert_eq!(record.seq, n as u64 + 1, "records out of order");
+        assert!(seen.insert(record.principal), "a record appears twice");
+    }
+    for t in 0..THREADS {
+        for i in 0..PER_THREAD {
+            assert!(
+                seen.contains(&wide_event(t, i).principal),
+                "t{t}-{i} is missing"
+            );
+        }
+    }
+    assert_eq!(verify(&path).unwrap().records, total);
+}
+
+#[test]
+fn a_full_batch_is_written_before_its_sync_is_due() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let policy = SyncPolicy {
+        max_delay: Duration::from_secs(3600),
+        max_records: 1_000_000,
+    };
+    let log = AuditLog::open_with(&path, "node-1", policy).unwrap();
+    log.append(wide_event(0, 0)).unwrap();
+    log.sync().unwrap();
+    let line = usize::try_from(fs::metadata(&path).unwrap().len()).unwrap();
+    // Just past the 64 KiB mark.
+    let count = super::FLUSH_BYTES / line + 2;
+    for i in 1..=count {
+        log.append(wide_event(0, i)).unwrap();
+    }
+    // The batch is written once it holds 64 KiB, although no sync is due for an hour (a bound on
+    // memory); the wait allows for a writer other than the appending thread.
+    let written = || fs::metadata(&path).unwrap().len();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while written() < (line + super::FLUSH_BYTES) as u64 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the full batch was never written ({} bytes in the file)",
+            written()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Whole lines only, an intact chain.
+    assert!(verify(&path).unwrap().records >= (super::FLUSH_BYTES / line) as u64);
+    let expected = (count + 1) as u64;
+    log.append(wide_event(0, count + 1)).unwrap();
+    drop(log);
+    assert_eq!(verify(&path).unwrap().records, expected + 1);
+}
+
+/// An audit log on /dev/full, which takes the open and the lock, then fails every write with
+/// ENOSPC; `None` (with the reason printed) where there is no /dev/full.
+fn open_dev_full(policy: SyncPolicy) -> Option<AuditLog> {
+    let path = std::path::Path::new("/dev/full");
+    if !path.exists() {
+        println!("skipped: /dev/full is missing");
+        return None;
+    }
+    // Several tests share /dev/full: wait for another one to let go of its lock.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match AuditLog::open_with(path, "node-1", policy) {
+            Ok(log) => return Some(log),
+            Err(AuditError::Locked { .. }) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+}
+
+#[test]
+fn a_failed_write_refuses_every_later_record() {
+    let policy = SyncPolicy {
+        max_delay: Duration::from_secs(3600),
+        max_records: 1_000_000,
+    };
+    let Some(log) = open_dev_full(policy) else {
+        return;
+    };
+    let first = log.append(event(0)).unwrap();
+    assert_eq!(first.seq, 1);
+    let err = log.sync().unwrap_err();
+    assert!(
+        matches!(&err, AuditError::Write { source, .. } if source.raw_os_error() == Some(28)),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("/dev/full"), "{err}");
+    let err = log.append(event(1)).unwrap_err();
+    assert!(
+        matches!(&err, AuditError::Failed { reason, .. } if reason.contains("write failed")),
+        "{err:?}"
+    );
+    assert!(matches!(log.sync(), Err(AuditError::Failed { .. })));
+    // The refused record did not advance the chain.
+    assert_eq!(log.head(), (1, first.hash));
+}
+
+#[test]
+fn a_failed_background_write_refuses_every_later_record() {
+    let policy = SyncPolicy {
+        max_delay: Duration::from_millis(1),
+        max_records: 1,
+    };
+    let Some(log) = open_dev_full(policy) else {
+        return;
+    };
+    log.append(event(0)).unwrap();
+    // The background thread's write fails; from then on every record is refused.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let err = loop {
+        match log.append(event(1)) {
+            Err(e) => break e,
+            Ok(_) => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the failed write was never noticed"
+                );
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    };
+    assert!(
+        matches!(&err, AuditError::Failed { reason, .. } if reason.contains("write failed")),
+        "{err:?}"
+    );
+    assert!(matches!(log.sync(), Err(AuditError::Failed { .. })));
+    assert!(matches!(
+        log.append(event(2)),
+        Err(AuditError::Failed { .. })
+    ));
+}
