@@ -166,19 +166,7 @@ impl Replica {
     }
 
     async fn bundle(&self) -> TrustBundle {
-        let bundle = self
-            .admin()
-            .await
-            .show_bundle(pb::ShowBundleRequest {})
-            .await
-            .unwrap()
-            .into_inner();
-        let mut out = TrustBundle::new(bundle.trust_domain.parse().unwrap());
-        for der in &bundle.x509_authorities {
-            out.add_authority(CertificateDer::from(der.as_slice()))
-                .unwrap();
-        }
-        out
+        support::admin_bundle(&self.admin_socket).await
     }
 
     /// id -> state, as this replica's admin API lists them.

@@ -77,14 +77,7 @@ impl Ca {
 
     /// The bundle as an operator would fetch it (`meshward ca bundle show`).
     async fn bundle(&self) -> TrustBundle {
-        let bundle = self
-            .admin()
-            .await
-            .show_bundle(pb::ShowBundleRequest {})
-            .await
-            .unwrap()
-            .into_inner();
-        bundle_of(&bundle)
+        support::admin_bundle(&self.admin_socket).await
     }
 
     /// A client that verifies the CA and presents no certificate (as for `Attest`).
@@ -195,15 +188,6 @@ fn attest_request(token: &str, csr: Vec<u8>) -> pb::AttestRequest {
         )),
         csr,
     }
-}
-
-fn bundle_of(bundle: &pb::Bundle) -> TrustBundle {
-    let mut out = TrustBundle::new(bundle.trust_domain.parse().unwrap());
-    for der in &bundle.x509_authorities {
-        out.add_authority(CertificateDer::from(der.as_slice()))
-            .unwrap();
-    }
-    out
 }
 
 fn workload_request(id: &str) -> pb::SvidRequest {

@@ -1,14 +1,21 @@
-//! What the CA's integration tests and benchmarks share: a gRPC channel over the CA's mTLS port.
+//! What the CA's integration tests and benchmarks share: a gRPC channel over the CA's mTLS port, and
+//! the trust bundle as an operator fetches it from the admin socket.
 //!
 //! Included with `mod support;` (benches: `#[path = "../tests/support/mod.rs"]`), so each test crate
 //! compiles its own copy.
 
+// Each test crate or bench that includes this uses only some of it.
+#![allow(dead_code)]
+
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 
 use hyper_util::rt::TokioIo;
+use meshward_identity::bundle::TrustBundle;
+use meshward_identity::proto::ca as pb;
 use rustls::ClientConfig;
-use rustls_pki_types::ServerName;
+use rustls_pki_types::{CertificateDer, ServerName};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tonic::transport::{Channel, Endpoint, Uri};
@@ -31,4 +38,30 @@ pub async fn tls_channel(addr: SocketAddr, mut config: ClientConfig) -> Channel 
         }))
         .await
         .unwrap_or_else(|e| panic!("cannot reach the ca at {addr}: {e}"))
+}
+
+/// The bundle as an operator would fetch it (`meshward ca bundle show`) from the admin socket.
+pub async fn admin_bundle(admin_socket: &Path) -> TrustBundle {
+    let bundle = meshward_ca::admin::connect(admin_socket)
+        .await
+        .unwrap_or_else(|e| panic!("cannot reach the admin socket: {e}"))
+        .show_bundle(pb::ShowBundleRequest {})
+        .await
+        .unwrap_or_else(|e| panic!("show_bundle failed: {e}"))
+        .into_inner();
+    bundle_of(&bundle)
+}
+
+/// A bundle message as a [`TrustBundle`].
+fn bundle_of(bundle: &pb::Bundle) -> TrustBundle {
+    let td = bundle
+        .trust_domain
+        .parse()
+        .unwrap_or_else(|e| panic!("bad trust domain: {e}"));
+    let mut out = TrustBundle::new(td);
+    for der in &bundle.x509_authorities {
+        out.add_authority(CertificateDer::from(der.as_slice()))
+            .unwrap_or_else(|e| panic!("bad authority: {e}"));
+    }
+    out
 }
