@@ -29,20 +29,17 @@ use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use hyper_util::rt::TokioIo;
 use meshward_agent::config::{AgentConfig, JoinToken};
 use meshward_agent::workload_api::client::{self, parse_x509_response};
 use meshward_ca::config::CaConfig;
 use meshward_identity::proto::ca as ca_pb;
-use meshward_identity::proto::ca::admin_client::AdminClient;
 use meshward_identity::proto::workload as pb;
 use meshward_identity::proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 use meshward_identity::x509::certs_to_pem;
 use meshward_identity::{SpiffeId, TrustDomain};
 use rustls_pki_types::CertificateDer;
-use tokio::net::UnixStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
 const TD: &str = "bench.test";
 const NODE: &str = "bench-node";
@@ -113,7 +110,7 @@ async fn start_ca_and_agent(dir: &Path, selector: &str) -> (PathBuf, Cancellatio
     let ca = meshward_ca::server::start(ca_config, shutdown.child_token())
         .await
         .unwrap();
-    let mut admin = admin_client(ca.admin_socket.clone()).await;
+    let mut admin = meshward_ca::admin::connect(&ca.admin_socket).await.unwrap();
 
     let workload = td
         .workload_id(&WORKLOAD.split('/').collect::<Vec<_>>())
@@ -365,18 +362,6 @@ impl Row {
 
 fn ms(d: Duration) -> String {
     format!("{:.3} ms", d.as_secs_f64() * 1e3)
-}
-
-/// The CA's admin API on its unix socket.
-async fn admin_client(path: PathBuf) -> AdminClient<Channel> {
-    let channel = Endpoint::from_static("http://admin")
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let path = path.clone();
-            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
-        }))
-        .await
-        .unwrap();
-    AdminClient::new(channel)
 }
 
 /// `/proc/loadavg`'s 1, 5 and 15 minute averages.

@@ -41,7 +41,6 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use hyper_util::rt::TokioIo;
 use meshward_agent::config::{AgentConfig, JoinToken};
 use meshward_agent::workload_api::client::{self, parse_x509_response};
 use meshward_ca::config::CaConfig;
@@ -51,9 +50,8 @@ use meshward_identity::proto::ca::admin_client::AdminClient;
 use meshward_identity::proto::workload as pb;
 use meshward_identity::x509::certs_to_pem;
 use rustls_pki_types::CertificateDer;
-use tokio::net::UnixStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
 const ROLE: &str = "MESHWARD_BENCH_ROLE";
 const TD: &str = "bench.test";
@@ -657,7 +655,7 @@ async fn start_ca(
     let ca = meshward_ca::server::start(ca_config, shutdown.child_token())
         .await
         .unwrap();
-    let mut admin = admin_client(ca.admin_socket.clone()).await;
+    let mut admin = meshward_ca::admin::connect(&ca.admin_socket).await.unwrap();
     let token = admin
         .create_join_token(ca_pb::CreateJoinTokenRequest {
             node: NODE.into(),
@@ -681,18 +679,6 @@ async fn start_ca(
     let addr = ca.local_addr.to_string();
     tokio::spawn(async move { drop(ca.wait().await) });
     (addr, admin, token, bundle)
-}
-
-/// The CA's admin API on its unix socket.
-async fn admin_client(path: PathBuf) -> AdminClient<Channel> {
-    let channel = Endpoint::from_static("http://admin")
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let path = path.clone();
-            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
-        }))
-        .await
-        .unwrap();
-    AdminClient::new(channel)
 }
 
 /// `/proc/loadavg`'s 1, 5 and 15 minute averages.
