@@ -132,7 +132,10 @@ pub struct OutboundListener {
 pub struct Limits {
     /// Largest request header section accepted; HTTP/1.1 answers 431 beyond it.
     pub max_header_bytes: usize,
-    /// Time a client has to send a complete request head.
+    /// Time a client has to send a complete request head. On HTTP/1.1 it also closes a
+    /// keep-alive connection that stays idle this long after its last response; the outbound pool
+    /// drops idle upstream connections after half of it (see
+    /// [`upstream_pool_idle`](crate::outbound::upstream_pool_idle)).
     pub header_read_timeout: Duration,
     /// Time a peer has to finish the TLS handshake.
     pub handshake_timeout: Duration,

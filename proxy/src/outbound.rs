@@ -33,8 +33,21 @@ use crate::metrics::ProxyMetrics;
 use crate::server::{Drain, serve_http};
 use crate::tcp::relay;
 
-/// How long an idle pooled upstream connection is kept.
-const UPSTREAM_POOL_IDLE: Duration = Duration::from_secs(90);
+/// The longest an idle pooled upstream connection is kept.
+const UPSTREAM_POOL_IDLE_MAX: Duration = Duration::from_secs(90);
+
+/// How long an idle pooled upstream connection is kept: half the header read timeout (at most
+/// [`UPSTREAM_POOL_IDLE_MAX`]).
+///
+/// A meshward inbound closes an idle HTTP/1.1 keep-alive connection once `header_read_timeout`
+/// passes without a new request (hyper starts that timer as soon as a response is sent). A pool
+/// that kept the connection longer would sooner or later send a request into a connection the
+/// peer is closing at that moment, and the caller would get a 502 for a request the upstream never
+/// saw. Dropping it at half that time, on our side, first, closes that race for peers with the
+/// same settings.
+pub fn upstream_pool_idle(limits: &Limits) -> Duration {
+    (limits.header_read_timeout / 2).min(UPSTREAM_POOL_IDLE_MAX)
+}
 
 /// What every connection of one outbound listener shares.
 #[derive(Debug)]
@@ -65,7 +78,7 @@ impl Outbound {
             metrics.clone(),
         );
         let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(UPSTREAM_POOL_IDLE)
+            .pool_idle_timeout(upstream_pool_idle(limits))
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .http2_keep_alive_interval(limits.h2_keepalive_interval)

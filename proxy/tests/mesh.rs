@@ -12,11 +12,11 @@
 mod common;
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use common::*;
-use meshward_proxy::config::{InboundListener, OutboundListener, Protocol};
+use meshward_proxy::config::{InboundListener, Limits, OutboundListener, Protocol};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 fn outbound(
@@ -85,6 +85,82 @@ async fn a_call_through_a_sidecar_pair_is_decided_and_a_wrong_upstream_identity_
             .metrics()
             .contains(r#"meshward_proxy_tls_failures_total{reason="wrong_peer"} 1"#)
     );
+}
+
+/// A TCP relay to `to` that counts the connections it accepts.
+async fn counting_relay(to: std::net::SocketAddr) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = Arc::clone(&accepted);
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut upstream = tokio::net::TcpStream::connect(to).await.unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut upstream).await;
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+#[tokio::test]
+async fn idle_http1_upstream_connections_are_dropped_before_the_callee_closes_them() {
+    // The callee closes an idle HTTP/1.1 keep-alive connection after its header read timeout; the
+    // caller's pool must stop reusing it before then, or a request can race the close and fail.
+    let idle_close = Duration::from_millis(800);
+    let server = Harness::with(|config, _| config.limits.header_read_timeout = idle_close).await;
+    let (relay, accepted) = counting_relay(server.inbound()).await;
+    let client = Harness::with_identity(Arc::clone(&server.pki), WEB, |config, _| {
+        config.inbound.clear();
+        config.upstream_http2 = false;
+        config.limits.header_read_timeout = idle_close;
+        config.outbound.push(outbound(relay, API, Protocol::Http));
+    })
+    .await;
+    assert_eq!(
+        meshward_proxy::outbound::upstream_pool_idle(&Limits {
+            header_read_timeout: idle_close,
+            ..Limits::default()
+        }),
+        Duration::from_millis(400)
+    );
+
+    for path in ["/api/one", "/api/two"] {
+        let response = plain_get(client.outbound(0), path).await;
+        assert_eq!(status(&response), 200, "{response}");
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        1,
+        "back-to-back calls share a connection"
+    );
+
+    // Idle past the pool's limit (400 ms) but not the callee's close (800 ms): a new connection.
+    tokio::time::sleep(Duration::from_millis(550)).await;
+    let response = plain_get(client.outbound(0), "/api/three").await;
+    assert_eq!(status(&response), 200, "{response}");
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        2,
+        "the idle connection was reused"
+    );
+
+    // Idle past the callee's close too: still no failed call.
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    let response = plain_get(client.outbound(0), "/api/four").await;
+    assert_eq!(status(&response), 200, "{response}");
+    assert_eq!(accepted.load(Ordering::SeqCst), 3);
+
+    let records = server.audit(4).await;
+    assert!(
+        records
+            .iter()
+            .all(|r| r["context"]["tls"]["alpn"] == "http/1.1" && r["decision"] == "allow"),
+        "{records:#?}"
+    );
+    assert_eq!(server.app.seen().len(), 4);
 }
 
 #[tokio::test]

@@ -80,7 +80,8 @@ struct RunArgs {
     /// Largest request header section, in bytes (default 16384; 431 beyond).
     #[arg(long, env = "MESHWARD_PROXY_MAX_HEADER_BYTES", value_name = "BYTES")]
     max_header_bytes: Option<usize>,
-    /// Time a client has to send a request head (default 10s).
+    /// Time a client has to send a request head (default 10s); an idle HTTP/1.1 keep-alive
+    /// connection is closed after it too, and pooled upstream connections after half of it.
     #[arg(
         long,
         env = "MESHWARD_PROXY_HEADER_READ_TIMEOUT",
