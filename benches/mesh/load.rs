@@ -75,6 +75,9 @@ pub struct Latency {
     pub ok: u64,
     /// Failed requests.
     pub errors: u64,
+    /// HTTP/1.1 connections the proxy had closed while idle (its header read timeout), replaced
+    /// before use as any client pool does; the reconnect counts in that request's latency.
+    pub reconnects: u64,
     /// Median latency.
     pub p50_us: f64,
     /// 99th percentile latency.
@@ -98,6 +101,14 @@ impl Sender {
         match self {
             Sender::H1(_) => None,
             Sender::H2(s) => Some(Sender::H2(s.clone())),
+        }
+    }
+
+    /// Whether the connection has ended (the server closed it).
+    fn is_closed(&self) -> bool {
+        match self {
+            Sender::H1(s) => s.is_closed(),
+            Sender::H2(s) => s.is_closed(),
         }
     }
 }
@@ -270,7 +281,7 @@ pub async fn fixed_rate(
     duration: Duration,
 ) -> anyhow::Result<Latency> {
     let uri = uri(target)?;
-    let pool = Arc::new(Pool::new(target.proto, senders(target, connections).await?));
+    let pool = Arc::new(Pool::new(target, senders(target, connections).await?));
     let samples: Arc<Mutex<Samples>> = Arc::default();
     let errors = Arc::new(AtomicU64::new(0));
 
@@ -338,6 +349,7 @@ pub async fn fixed_rate(
     Ok(Latency {
         ok: latency_ns.len() as u64,
         errors: errors.load(Ordering::Relaxed),
+        reconnects: pool.reconnects.load(Ordering::Relaxed),
         p50_us: percentile_us(latency_ns, 0.50),
         p99_us: percentile_us(latency_ns, 0.99),
         p999_us: percentile_us(latency_ns, 0.999),
@@ -354,6 +366,7 @@ struct Samples {
 
 /// The connections of a fixed-rate run.
 struct Pool {
+    target: Target,
     proto: Proto,
     /// HTTP/1.1: idle connections (last in, first out: the warm ones get reused).
     idle: Mutex<Vec<Sender>>,
@@ -361,21 +374,25 @@ struct Pool {
     /// HTTP/2: every connection, used in turn.
     all: Vec<Sender>,
     next: AtomicUsize,
+    reconnects: AtomicU64,
 }
 
 impl Pool {
-    fn new(proto: Proto, senders: Vec<Sender>) -> Self {
+    fn new(target: &Target, senders: Vec<Sender>) -> Self {
+        let proto = target.proto;
         let permits = Semaphore::new(senders.len());
         let (idle, all) = match proto {
             Proto::H1 => (senders, Vec::new()),
             Proto::H2 => (Vec::new(), senders),
         };
         Self {
+            target: *target,
             proto,
             idle: Mutex::new(idle),
             permits,
             all,
             next: AtomicUsize::new(0),
+            reconnects: AtomicU64::new(0),
         }
     }
 
@@ -395,6 +412,20 @@ impl Pool {
                 let Some(mut sender) = self.idle.lock().ok().and_then(|mut idle| idle.pop()) else {
                     return false;
                 };
+                if sender.is_closed() {
+                    match connect(&self.target).await {
+                        Ok(fresh) => {
+                            sender = fresh;
+                            self.reconnects.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(_) => {
+                            if let Ok(mut idle) = self.idle.lock() {
+                                idle.push(sender);
+                            }
+                            return false;
+                        }
+                    }
+                }
                 let ok = matches!(send(&mut sender, uri).await, Ok(true));
                 if let Ok(mut idle) = self.idle.lock() {
                     idle.push(sender);

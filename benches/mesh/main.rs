@@ -199,7 +199,7 @@ fn run() -> anyhow::Result<()> {
                     .block_on(run_pair(&settings, dir, backend_addr, imp, proto))
                     .with_context(|| format!("{} over {}", imp.label(), proto.label()))?;
                 println!(
-                    "round {} {:<10} {:<8}: {:>7.0} req/s ({} errors), fixed {} req/s ({} ok) p50 {:>5.0} us p99 {:>6.0} us p99.9 {:>6.0} us max {:>6.0} us (lateness p99 {:.0} us, {} errors), RSS client {} / server {} KiB (peak {} / {}; anon {} / {}; file {} / {}), {:.2} CPU-ms per 1k req",
+                    "round {} {:<10} {:<8}: {:>7.0} req/s ({} errors), fixed {} req/s ({} ok) p50 {:>5.0} us p99 {:>6.0} us p99.9 {:>6.0} us max {:>6.0} us (lateness p99 {:.0} us, {} errors, {} reconnects), RSS client {} / server {} KiB (peak {} / {}; anon {} / {}; file {} / {}), {:.2} CPU-ms per 1k req",
                     round + 1,
                     imp.label(),
                     proto.label(),
@@ -213,6 +213,7 @@ fn run() -> anyhow::Result<()> {
                     one.latency.max_us,
                     one.latency.late_p99_us,
                     one.latency.errors,
+                    one.latency.reconnects,
                     one.usage[0].rss_kib,
                     one.usage[1].rss_kib,
                     one.usage[0].hwm_kib,
