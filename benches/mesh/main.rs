@@ -33,7 +33,7 @@ mod load;
 mod procs;
 
 use std::fmt::Write as _;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
@@ -632,8 +632,11 @@ fn install_envoy() -> anyhow::Result<PathBuf> {
         .context("install-envoy printed no path; set MESHWARD_ENVOY")
 }
 
+/// A port for a child process to bind: below the ephemeral range, so that no outgoing connection
+/// takes it before the child binds it (it happened with `bind(:0)`).
 fn free_addr() -> anyhow::Result<SocketAddr> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+    let port = meshward_ops::ports::free_port().context("find a free port on 127.0.0.1")?;
+    Ok(SocketAddr::from(([127, 0, 0, 1], port)))
 }
 
 /// nproc, CPU model and load average, for the report.

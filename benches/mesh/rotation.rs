@@ -39,7 +39,7 @@ mod procs;
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Output};
 use std::sync::Arc;
@@ -1027,8 +1027,11 @@ fn settings() -> anyhow::Result<Settings> {
     })
 }
 
+/// A port for a child process to bind: below the ephemeral range, so that no outgoing connection
+/// takes it before the child binds it (it happened with `bind(:0)`).
 fn free_addr() -> anyhow::Result<SocketAddr> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+    let port = meshward_ops::ports::free_port().context("find a free port on 127.0.0.1")?;
+    Ok(SocketAddr::from(([127, 0, 0, 1], port)))
 }
 
 /// nproc, CPU model and load average, for the report.

@@ -217,7 +217,9 @@ async fn run_mesh(
         .iter()
         .map(|s| 2 + s.upstreams.len())
         .sum::<usize>();
-    let mut ports = mesh::free_ports(wanted)?.into_iter();
+    let mut ports = meshward_ops::ports::free_ports(wanted)
+        .context("find free ports on 127.0.0.1 for the demo")?
+        .into_iter();
     let mut next = || {
         ports
             .next()

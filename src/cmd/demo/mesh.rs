@@ -7,7 +7,7 @@
 //! nothing running.
 
 use std::fs::{self, File};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::PermissionsExt as _;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
@@ -194,56 +194,6 @@ fn setpriv_available() -> bool {
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success())
-}
-
-/// Free 127.0.0.1 ports, all distinct (held until all are picked, then released).
-///
-/// The ports are handed to child processes that bind them a moment later. A port from the kernel's
-/// ephemeral range (`bind(:0)`) can be taken in that moment by any outgoing connection on the
-/// machine (it happened in CI, with tests running beside the demo), so they are picked at random
-/// below that range, where only explicit binds go; `bind(:0)` is the fallback.
-pub fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
-    let (low, high) = below_ephemeral_range();
-    let mut listeners: Vec<TcpListener> = Vec::with_capacity(n);
-    let mut seed = std::hash::BuildHasher::hash_one(
-        &std::collections::hash_map::RandomState::new(),
-        std::process::id(),
-    );
-    let mut attempts = 0;
-    while listeners.len() < n && attempts < n * 50 && high > low {
-        attempts += 1;
-        // xorshift: cheap, and seeded per process so concurrent demos pick different ports.
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        let span = u64::from(high - low);
-        let port = low + u16::try_from(seed % span).unwrap_or(0);
-        if let Ok(listener) = TcpListener::bind(("127.0.0.1", port)) {
-            listeners.push(listener);
-        }
-    }
-    while listeners.len() < n {
-        listeners.push(TcpListener::bind("127.0.0.1:0").context("find a free port on 127.0.0.1")?);
-    }
-    listeners
-        .iter()
-        .map(|l| Ok(l.local_addr()?.port()))
-        .collect()
-}
-
-/// Ports `[low, high)` below the kernel's ephemeral range (`ip_local_port_range`), or an empty
-/// range when that range starts too low to leave room.
-fn below_ephemeral_range() -> (u16, u16) {
-    const LOWEST: u16 = 10_000;
-    let first_ephemeral = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
-        .unwrap_or(32_768);
-    if first_ephemeral > LOWEST + 1_000 {
-        (LOWEST, first_ephemeral)
-    } else {
-        (0, 0)
-    }
 }
 
 /// One running child.
@@ -462,24 +412,4 @@ pub fn accepts(addr: SocketAddr) -> bool {
 /// The SPIFFE ID of a service.
 pub fn spiffe_id(service: &Service) -> String {
     format!("spiffe://{TRUST_DOMAIN}/ns/shop/sa/{}", service.name)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn free_ports_are_distinct_bindable_and_below_the_ephemeral_range() {
-        let ports = free_ports(40).unwrap();
-        let distinct: std::collections::HashSet<u16> = ports.iter().copied().collect();
-        assert_eq!(distinct.len(), 40, "{ports:?}");
-        let (low, high) = below_ephemeral_range();
-        for port in ports {
-            if high > low {
-                assert!((low..high).contains(&port), "{port} not in {low}..{high}");
-            }
-            // Released after picking: the child process can bind it.
-            TcpListener::bind(("127.0.0.1", port)).unwrap();
-        }
-    }
 }
