@@ -109,7 +109,7 @@ async fn counting_relay(to: std::net::SocketAddr) -> (std::net::SocketAddr, Arc<
 async fn idle_http1_upstream_connections_are_dropped_before_the_callee_closes_them() {
     // The callee closes an idle HTTP/1.1 keep-alive connection after its header read timeout; the
     // caller's pool must stop reusing it before then, or a request can race the close and fail.
-    let idle_close = Duration::from_millis(800);
+    let idle_close = Duration::from_secs(2);
     let server = Harness::with(|config, _| config.limits.header_read_timeout = idle_close).await;
     let (relay, accepted) = counting_relay(server.inbound()).await;
     let client = Harness::with_identity(Arc::clone(&server.pki), WEB, |config, _| {
@@ -124,7 +124,7 @@ async fn idle_http1_upstream_connections_are_dropped_before_the_callee_closes_th
             header_read_timeout: idle_close,
             ..Limits::default()
         }),
-        Duration::from_millis(400)
+        Duration::from_secs(1)
     );
 
     for path in ["/api/one", "/api/two"] {
@@ -137,8 +137,8 @@ async fn idle_http1_upstream_connections_are_dropped_before_the_callee_closes_th
         "back-to-back calls share a connection"
     );
 
-    // Idle past the pool's limit (400 ms) but not the callee's close (800 ms): a new connection.
-    tokio::time::sleep(Duration::from_millis(550)).await;
+    // Idle past the pool's limit (1 s) but not the callee's close (2 s): a new connection.
+    tokio::time::sleep(Duration::from_millis(1_400)).await;
     let response = plain_get(client.outbound(0), "/api/three").await;
     assert_eq!(status(&response), 200, "{response}");
     assert_eq!(
@@ -148,7 +148,7 @@ async fn idle_http1_upstream_connections_are_dropped_before_the_callee_closes_th
     );
 
     // Idle past the callee's close too: still no failed call.
-    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
     let response = plain_get(client.outbound(0), "/api/four").await;
     assert_eq!(status(&response), 200, "{response}");
     assert_eq!(accepted.load(Ordering::SeqCst), 3);
