@@ -9,8 +9,9 @@ use std::sync::{Mutex, PoisonError};
 ///
 /// The ports are handed to child processes that bind them a moment later. A port from the kernel's
 /// ephemeral range (`bind(:0)`) can be taken in that moment by any outgoing connection on the
-/// machine (it happened in CI, with tests running beside the demo, and in a benchmark), so they are picked at random
-/// below that range, where only explicit binds go; `bind(:0)` is the fallback.
+/// machine (it happened in CI, with tests running beside the demo, and in a benchmark), so they
+/// are picked at random below that range, where only explicit binds go; `bind(:0)` is the
+/// fallback.
 pub fn free_ports(n: usize) -> io::Result<Vec<u16>> {
     let (low, high) = below_ephemeral_range();
     let mut listeners: Vec<TcpListener> = Vec::with_capacity(n);
