@@ -9,6 +9,22 @@ use serde_json::Value;
 use crate::audit::tests::{event, issuance_event, lines, verify, write_file, write_lines};
 use crate::audit::*;
 
+/// A log at `audit.jsonl` in a fresh temp dir (kept alive by the returned guard), synced by its
+/// background thread after `max_delay` or `max_records`.
+fn open_log(
+    max_delay: Duration,
+    max_records: usize,
+) -> (tempfile::TempDir, std::path::PathBuf, AuditLog) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let policy = SyncPolicy {
+        max_delay,
+        max_records,
+    };
+    let log = AuditLog::open_with(&path, "node-1", policy).unwrap();
+    (dir, path, log)
+}
+
 #[test]
 fn new_file_is_private() {
     let dir = tempfile::tempdir().unwrap();
@@ -102,13 +118,7 @@ fn overlong_node_name_is_refused() {
 
 #[test]
 fn records_reach_the_file_without_an_explicit_sync() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("audit.jsonl");
-    let policy = SyncPolicy {
-        max_delay: Duration::from_millis(5),
-        max_records: 1000,
-    };
-    let log = AuditLog::open_with(&path, "node-1", policy).unwrap();
+    let (_dir, path, log) = open_log(Duration::from_millis(5), 1000);
     log.append(event(0)).unwrap();
     // The background thread writes the batch once it is 5 ms old; allow a slow machine plenty of time.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -125,13 +135,7 @@ fn records_reach_the_file_without_an_explicit_sync() {
 
 #[test]
 fn sync_writes_everything_appended() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("audit.jsonl");
-    let policy = SyncPolicy {
-        max_delay: Duration::from_secs(3600),
-        max_records: 1_000_000,
-    };
-    let log = AuditLog::open_with(&path, "node-1", policy).unwrap();
+    let (_dir, path, log) = open_log(Duration::from_secs(3600), 1_000_000);
     for i in 0..5 {
         log.append(event(i)).unwrap();
     }
@@ -265,15 +269,10 @@ fn wide_event(thread: usize, i: usize) -> AuditEvent {
 fn appends_from_many_threads_while_syncs_run_make_one_chain() {
     const THREADS: usize = 6;
     const PER_THREAD: usize = 500;
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("audit.jsonl");
     // Background syncs every 32 records or 1 ms, explicit syncs from another thread, and batches
     // past the 64 KiB mark at which `append` writes them itself, all at once.
-    let policy = SyncPolicy {
-        max_delay: Duration::from_millis(1),
-        max_records: 32,
-    };
-    let log = Arc::new(AuditLog::open_with(&path, "node-1", policy).unwrap());
+    let (_dir, path, log) = open_log(Duration::from_millis(1), 32);
+    let log = Arc::new(log);
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let syncer = {
         let (log, done) = (Arc::clone(&log), Arc::clone(&done));
@@ -335,13 +334,7 @@ fn appends_from_many_threads_while_syncs_run_make_one_chain() {
 
 #[test]
 fn a_full_batch_is_written_before_its_sync_is_due() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("audit.jsonl");
-    let policy = SyncPolicy {
-        max_delay: Duration::from_secs(3600),
-        max_records: 1_000_000,
-    };
-    let log = AuditLog::open_with(&path, "node-1", policy).unwrap();
+    let (_dir, path, log) = open_log(Duration::from_secs(3600), 1_000_000);
     log.append(wide_event(0, 0)).unwrap();
     log.sync().unwrap();
     let line = usize::try_from(fs::metadata(&path).unwrap().len()).unwrap();
