@@ -17,12 +17,10 @@ mod cmd;
 
 use std::process::ExitCode;
 
-use anyhow::Context;
-use clap::{Parser, Subcommand, ValueEnum};
-use tracing_subscriber::EnvFilter;
+use clap::{Parser, Subcommand};
+use meshward_ops::cli::{EX_USAGE, LogFormat, fail, init_logging, usage_error};
 
-/// Exit code for a bad command line.
-const EX_USAGE: u8 = 64;
+const PROGRAM: &str = "meshward";
 
 /// Zero-trust workload identity and authorization for service meshes.
 #[derive(Debug, Parser)]
@@ -66,23 +64,13 @@ enum Command {
     Svid(cmd::svid::SvidArgs),
 }
 
-/// How log lines look.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum LogFormat {
-    /// Human-readable text.
-    Plain,
-    /// One JSON object per line.
-    Json,
-}
-
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
-        Err(e) => return usage_error(&e),
+        Err(e) => return usage_error(PROGRAM, &e),
     };
     if let Err(e) = init_logging(&cli.log, cli.log_format) {
-        eprintln!("meshward: {e:#}");
-        return ExitCode::from(EX_USAGE);
+        return fail(PROGRAM, EX_USAGE, &e);
     }
     let outcome = match cli.command {
         Command::Agent(args) => cmd::agent::run(args),
@@ -92,7 +80,7 @@ fn main() -> ExitCode {
         Command::Demo(args) => cmd::demo::run(args),
         Command::Inject(args) => cmd::inject::run(args),
         Command::Policy(args) => cmd::policy::run(args),
-        Command::Proxy(args) => cmd::proxy::run(args),
+        Command::Proxy(args) => Ok(cmd::proxy::run(args)),
         Command::Svid(args) => cmd::svid::run(args),
     };
     match outcome {
@@ -102,43 +90,4 @@ fn main() -> ExitCode {
             ExitCode::from(cmd::EX_IOERR)
         }
     }
-}
-
-/// Prints help or the version as clap renders them, and any other parse error as one line.
-fn usage_error(e: &clap::Error) -> ExitCode {
-    use clap::error::ErrorKind;
-    match e.kind() {
-        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
-            // Best effort: a closed stdout is no reason to fail `--help`.
-            let _ = e.print();
-            ExitCode::SUCCESS
-        }
-        ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand | ErrorKind::MissingSubcommand => {
-            let _ = e.print();
-            ExitCode::from(EX_USAGE)
-        }
-        _ => {
-            let rendered = e.render().to_string();
-            let first = rendered
-                .lines()
-                .find(|l| !l.trim().is_empty())
-                .unwrap_or("invalid arguments");
-            let message = first.strip_prefix("error: ").unwrap_or(first);
-            eprintln!("meshward: {message} (see `meshward --help`)");
-            ExitCode::from(EX_USAGE)
-        }
-    }
-}
-
-fn init_logging(filter: &str, format: LogFormat) -> anyhow::Result<()> {
-    let filter = EnvFilter::try_new(filter)
-        .with_context(|| format!("invalid MESHWARD_LOG filter `{filter}`"))?;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let installed = match format {
-        LogFormat::Plain => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
-    };
-    installed.map_err(|e| anyhow::anyhow!("cannot start logging: {e}"))
 }

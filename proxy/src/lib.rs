@@ -11,10 +11,14 @@
 //! the agent, prebuilt into rustls configs and swapped on rotation), [`inbound`] (mTLS in,
 //! decide every request, forward with XFCC), [`outbound`] (plain in, mTLS out to an expected
 //! upstream), [`audit_sink`] and [`metrics`].
+//!
+//! [`cli`] is the command line of `meshward proxy run` and of the sidecar-only binary
+//! `meshward-proxy run` (src/main.rs).
 
 pub mod admin;
 pub mod audit_sink;
 pub mod authz;
+pub mod cli;
 pub mod config;
 pub mod handshake;
 pub mod hop_by_hop;

@@ -13,7 +13,6 @@ pub mod svid;
 use std::process::ExitCode;
 
 use clap::ValueEnum;
-use tokio_util::sync::CancellationToken;
 
 /// Exit code when the answer is "no" (for example: the audit file is not intact).
 pub const EX_NO: u8 = 1;
@@ -36,26 +35,7 @@ pub enum Output {
 
 /// Prints `meshward: <error>` on one line and returns `code`.
 pub fn fail(code: u8, error: &dyn std::fmt::Display) -> ExitCode {
-    let line = error.to_string().replace('\n', " ");
-    eprintln!("meshward: {line}");
-    ExitCode::from(code)
+    meshward_ops::cli::fail("meshward", code, error)
 }
 
-/// SIGTERM or SIGINT cancels `shutdown` (the long-running `part` then stops gracefully: `doing`
-/// is what the log line says it does).
-pub async fn cancel_on_signal(shutdown: CancellationToken, part: &str, doing: &str) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::warn!("cannot install signal handlers; stop the {part} with SIGKILL");
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: {doing}"),
-        _ = int.recv() => tracing::info!("SIGINT: {doing}"),
-        () = shutdown.cancelled() => return,
-    }
-    shutdown.cancel();
-}
+pub use meshward_ops::cli::cancel_on_signal;
