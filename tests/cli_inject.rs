@@ -161,7 +161,12 @@ fn a_deployment_gets_exactly_one_native_sidecar() {
         .iter()
         .map(|a| a.as_str().unwrap())
         .collect();
-    assert_eq!(&args[..2], ["proxy", "run"]);
+    // The image's sidecar-only binary, with `meshward proxy run`'s flags.
+    assert_eq!(
+        proxy["command"],
+        serde_json::json!(["/usr/local/bin/meshward-proxy"])
+    );
+    assert_eq!(args[0], "run");
     assert!(
         args.windows(2)
             .any(|w| w == ["--socket", "/run/meshward/agent.sock"])

@@ -24,6 +24,8 @@ use crate::{InjectError, InjectOptions};
 
 /// Name of the injected proxy container; its presence marks a template as already injected.
 pub const PROXY_CONTAINER: &str = "meshward-proxy";
+/// The injected container's command: the image's sidecar-only binary (`meshward-proxy run`).
+pub const PROXY_BINARY: &str = "/usr/local/bin/meshward-proxy";
 /// Annotation that opts a workload out (`"false"`) or in (`"true"`, `"enabled"`).
 pub const ANNOTATION_INJECT: &str = "meshward.io/inject";
 /// Annotation with the inbound listeners: `PORT=APP_ADDR[,tcp]`, `;`-separated.
@@ -326,7 +328,6 @@ fn proxy_port_names(inbound: usize) -> impl Iterator<Item = String> {
 fn proxy_container(listeners: &Listeners, options: &InjectOptions) -> Container {
     let socket = format!("{}/{SOCKET_FILE}", options.socket_dir.trim_end_matches('/'));
     let mut args: Vec<String> = [
-        "proxy",
         "run",
         "--socket",
         &socket,
@@ -387,6 +388,9 @@ fn proxy_container(listeners: &Listeners, options: &InjectOptions) -> Container 
         name: PROXY_CONTAINER.to_owned(),
         image: Some(options.image.clone()),
         image_pull_policy: Some("IfNotPresent".to_owned()),
+        // The sidecar-only binary of the image: the same flags as `meshward proxy run`, a third
+        // of the code mapped in every pod (deploy/Dockerfile).
+        command: Some(vec![PROXY_BINARY.to_owned()]),
         args: Some(args),
         env: Some(vec![EnvVar {
             name: "MESHWARD_PROXY_NODE".to_owned(),

@@ -102,10 +102,15 @@ fn a_deployment_gets_one_native_sidecar_first() {
     };
     let proxy = &init[0];
     assert_eq!(proxy.get("restartPolicy").unwrap().as_str(), Some("Always"));
-    let args: Vec<&str> = match proxy.get("args") {
-        Some(Value::Seq(args)) => args.iter().map(|a| a.as_str().unwrap()).collect(),
-        _ => panic!(),
+    let strings = |key: &str| -> Vec<&str> {
+        match proxy.get(key) {
+            Some(Value::Seq(items)) => items.iter().map(|a| a.as_str().unwrap()).collect(),
+            _ => panic!("no {key}"),
+        }
     };
+    assert_eq!(strings("command"), ["/usr/local/bin/meshward-proxy"]);
+    let args = strings("args");
+    assert_eq!(args[0], "run");
     assert!(
         args.windows(2)
             .any(|w| w == ["--inbound", "0.0.0.0:15006=127.0.0.1:8080"])
