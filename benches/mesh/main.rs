@@ -19,9 +19,11 @@
 //! the sidecars of a pair share one core and never migrate, and the load tool's pacer is not
 //! preempted by the sidecars it measures. Throughput then shows what one core of sidecars does.
 //!
-//! Run it with `scripts/bench-proxy` (builds `meshward` with the `dist` profile, the shipped
-//! build; installs Envoy; runs this).
-//! Settings (env): `MESHWARD_BIN`, `MESHWARD_ENVOY`, `MESHWARD_BENCH_SECS` (closed loop, 8),
+//! Run it with `scripts/bench-proxy` (builds the sidecar binary `meshward-proxy` with the `dist`
+//! profile, the shipped build; installs Envoy; runs this).
+//! Settings (env): `MESHWARD_PROXY_BIN` (default `target/dist/meshward-proxy`, run as
+//! `meshward-proxy run`; a binary of another name runs as `<bin> proxy run`, e.g. the full
+//! `meshward`, to compare), `MESHWARD_ENVOY`, `MESHWARD_BENCH_SECS` (closed loop, 8),
 //! `MESHWARD_BENCH_FIXED_SECS` (8), `MESHWARD_BENCH_RATE` (2000), `MESHWARD_BENCH_CONCURRENCY`
 //! (32), `MESHWARD_BENCH_ROUNDS` (2), `MESHWARD_BENCH_PROTOS` (`h1,h2`), `MESHWARD_BENCH_ONLY`
 //! (`meshward` or `envoy`), `MESHWARD_BENCH_PIN` (`on`/`off`), `MESHWARD_BENCH_KEEP` (keep the
@@ -370,9 +372,16 @@ async fn run_pair(
 
 fn meshward(bin: &Path, cpu: Option<&str>, dir: &Path, who: &str, audit: &Path) -> Command {
     let mut cmd = command(bin, cpu);
+    // `meshward-proxy run`, or the full binary's `meshward proxy run`: the same flags.
+    let sidecar_only = bin
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with("meshward-proxy"));
+    if !sidecar_only {
+        cmd.arg("proxy");
+    }
     cmd.env("MESHWARD_LOG", "warn")
         .args([
-            "proxy",
             "run",
             "--worker-threads",
             "1",
@@ -557,17 +566,17 @@ fn settings() -> anyhow::Result<Settings> {
         })
     };
     let exe = std::env::current_exe()?;
-    // target/release/deps/proxy_vs_envoy-HASH -> target/dist/meshward: the shipped build.
+    // target/release/deps/proxy_vs_envoy-HASH -> target/dist/meshward-proxy: the shipped build.
     let default_bin = exe
         .parent()
         .and_then(Path::parent)
         .and_then(Path::parent)
-        .map(|p| p.join("dist").join("meshward"))
+        .map(|p| p.join("dist").join("meshward-proxy"))
         .unwrap_or_default();
-    let meshward = env("MESHWARD_BIN").map_or(default_bin, PathBuf::from);
+    let meshward = env("MESHWARD_PROXY_BIN").map_or(default_bin, PathBuf::from);
     if !meshward.is_file() {
         bail!(
-            "no meshward binary at `{}`: run `cargo build --profile dist --bin meshward` or set MESHWARD_BIN",
+            "no sidecar binary at `{}`: run `cargo build --profile dist -p meshward-proxy --bin meshward-proxy` or set MESHWARD_PROXY_BIN",
             meshward.display()
         );
     }
