@@ -3,7 +3,7 @@
 
 use std::process::ExitCode;
 
-use clap::ValueEnum;
+use clap::{Args, ValueEnum};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
@@ -17,6 +17,30 @@ pub enum LogFormat {
     Plain,
     /// One JSON object per line.
     Json,
+}
+
+/// `--log` and `--log-format`, global flags of every meshward binary (flatten into its parser).
+#[derive(Debug, Clone, Args)]
+pub struct LogArgs {
+    /// Log filter, in tracing's EnvFilter syntax (`info`, `meshward_proxy=debug`). Logs go to stderr.
+    #[arg(
+        long = "log",
+        global = true,
+        env = "MESHWARD_LOG",
+        default_value = "warn",
+        value_name = "FILTER"
+    )]
+    pub filter: String,
+    /// Log line format.
+    #[arg(long, global = true, env = "MESHWARD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain)]
+    pub log_format: LogFormat,
+}
+
+impl LogArgs {
+    /// Starts logging as these flags say ([`init_logging`]).
+    pub fn init(&self) -> Result<(), LoggingError> {
+        init_logging(&self.filter, self.log_format)
+    }
 }
 
 /// A log filter that cannot be used.

@@ -9,7 +9,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use meshward_ops::cli::{EX_USAGE, LogFormat, fail, init_logging, usage_error};
+use meshward_ops::cli::{EX_USAGE, LogArgs, fail, usage_error};
 use meshward_proxy::cli::RunArgs;
 
 const PROGRAM: &str = "meshward-proxy";
@@ -18,18 +18,8 @@ const PROGRAM: &str = "meshward-proxy";
 #[derive(Debug, Parser)]
 #[command(name = "meshward-proxy", version, about)]
 struct Cli {
-    /// Log filter, in tracing's EnvFilter syntax (`info`, `meshward_proxy=debug`). Logs go to stderr.
-    #[arg(
-        long = "log",
-        global = true,
-        env = "MESHWARD_LOG",
-        default_value = "warn",
-        value_name = "FILTER"
-    )]
-    log: String,
-    /// Log line format.
-    #[arg(long, global = true, env = "MESHWARD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain)]
-    log_format: LogFormat,
+    #[command(flatten)]
+    logging: LogArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -45,7 +35,7 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => return usage_error(PROGRAM, &e),
     };
-    if let Err(e) = init_logging(&cli.log, cli.log_format) {
+    if let Err(e) = cli.logging.init() {
         return fail(PROGRAM, EX_USAGE, &e);
     }
     let Command::Run(args) = cli.command;
