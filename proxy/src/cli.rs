@@ -93,6 +93,10 @@ pub struct RunArgs {
     /// Time in-flight requests get to finish on SIGTERM (default 10s).
     #[arg(long, env = "MESHWARD_PROXY_DRAIN_GRACE", value_name = "DURATION")]
     drain_grace: Option<String>,
+    /// Time an idle keep-alive connection to the local app is kept for reuse (default 1500ms);
+    /// keep it below the app server's own idle timeout.
+    #[arg(long, env = "MESHWARD_PROXY_APP_IDLE_TIMEOUT", value_name = "DURATION")]
+    app_idle_timeout: Option<String>,
     /// How often the policy directories are checked for changes (default 1s).
     #[arg(
         long,
@@ -135,6 +139,7 @@ pub fn run(args: RunArgs, program: &str) -> ExitCode {
         handshake_timeout: args.handshake_timeout,
         h2_max_concurrent_streams: args.h2_max_concurrent_streams,
         drain_grace: args.drain_grace,
+        app_idle_timeout: args.app_idle_timeout,
         policy_poll_interval: args.policy_poll_interval,
         worker_threads: args.worker_threads,
         upstream_http2: args.upstream_http2,

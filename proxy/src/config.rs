@@ -47,6 +47,10 @@ pub const DEFAULT_H2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_DRAIN_GRACE: Duration = Duration::from_secs(10);
 /// Default timeout for connecting to the local app or an upstream.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default time an idle keep-alive connection to the local app is kept for reuse: below the idle
+/// timeouts of common app servers (gunicorn's async workers 2 s, uvicorn and Node.js 5 s), so the
+/// proxy lets go of a connection before the app closes it under a request.
+pub const DEFAULT_APP_IDLE_TIMEOUT: Duration = Duration::from_millis(1500);
 /// Most runtime worker threads accepted.
 pub const MAX_WORKER_THREADS: usize = 1024;
 
@@ -149,6 +153,10 @@ pub struct Limits {
     pub drain_grace: Duration,
     /// Timeout for connecting to the app or an upstream (TCP and TLS each).
     pub connect_timeout: Duration,
+    /// Time an idle keep-alive connection to the local app is kept for reuse. Keep it below the
+    /// app server's own idle timeout: a request sent on a connection the app is closing at that
+    /// moment fails (502) without the app ever seeing it.
+    pub app_idle_timeout: Duration,
 }
 
 pub use meshward_ops::config::ConfigError;
@@ -195,6 +203,8 @@ pub struct ProxySettings {
     pub h2_max_concurrent_streams: Option<u32>,
     /// See [`Limits::drain_grace`].
     pub drain_grace: Option<String>,
+    /// See [`Limits::app_idle_timeout`].
+    pub app_idle_timeout: Option<String>,
     /// See [`ProxyConfig::policy_poll_interval`].
     pub policy_poll_interval: Option<String>,
     /// See [`ProxyConfig::worker_threads`].
@@ -240,6 +250,7 @@ impl Default for Limits {
             h2_keepalive_timeout: DEFAULT_H2_KEEPALIVE_TIMEOUT,
             drain_grace: DEFAULT_DRAIN_GRACE,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            app_idle_timeout: DEFAULT_APP_IDLE_TIMEOUT,
         }
     }
 }
@@ -299,6 +310,7 @@ impl ProxyConfig {
             ("header_read_timeout", l.header_read_timeout),
             ("handshake_timeout", l.handshake_timeout),
             ("connect_timeout", l.connect_timeout),
+            ("app_idle_timeout", l.app_idle_timeout),
             ("policy_poll_interval", self.policy_poll_interval),
         ] {
             if value.is_zero() {
@@ -368,6 +380,7 @@ impl ProxySettings {
                 .h2_max_concurrent_streams
                 .or(fallback.h2_max_concurrent_streams),
             drain_grace: self.drain_grace.or(fallback.drain_grace),
+            app_idle_timeout: self.app_idle_timeout.or(fallback.app_idle_timeout),
             policy_poll_interval: self.policy_poll_interval.or(fallback.policy_poll_interval),
             worker_threads: self.worker_threads.or(fallback.worker_threads),
             upstream_http2: self.upstream_http2.or(fallback.upstream_http2),
@@ -436,6 +449,11 @@ impl ProxySettings {
                 &mut limits.handshake_timeout,
             ),
             ("drain_grace", self.drain_grace, &mut limits.drain_grace),
+            (
+                "app_idle_timeout",
+                self.app_idle_timeout,
+                &mut limits.app_idle_timeout,
+            ),
         ] {
             if let Some(v) = value {
                 *slot = parse_duration(setting, &v)?;
@@ -729,6 +747,35 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn app_idle_timeout_defaults_below_common_app_servers_and_must_be_positive() {
+        assert_eq!(
+            base().into_config().unwrap().limits.app_idle_timeout,
+            Duration::from_millis(1500)
+        );
+        let mut s = base();
+        s.app_idle_timeout = Some("250ms".into());
+        assert_eq!(
+            s.into_config().unwrap().limits.app_idle_timeout,
+            Duration::from_millis(250)
+        );
+        for bad in ["0s", "soon"] {
+            let mut s = base();
+            s.app_idle_timeout = Some(bad.into());
+            let err = s.into_config().unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    ConfigError::Invalid {
+                        setting: "app_idle_timeout",
+                        ..
+                    }
+                ),
+                "{bad}: {err:?}"
+            );
+        }
     }
 
     // The syntax itself is tested in `meshward-ops` (duration/tests.rs); here, that a bad one

@@ -78,7 +78,7 @@ impl Inbound {
         limits: Limits,
     ) -> Self {
         Self {
-            app: app_client(limits.connect_timeout),
+            app: app_client(limits.connect_timeout, limits.app_idle_timeout),
             app_authority: request::app_authority(spec.app),
             builders: request::Builders::new(&limits),
             spec,

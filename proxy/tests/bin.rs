@@ -241,6 +241,17 @@ fn settings_it_cannot_start_with_exit_64_before_binding_or_auditing() {
     assert_eq!(out.status.code(), Some(64), "{}", stderr(&out));
     assert!(stderr(&out).contains("LISTEN=APP_ADDR"), "{}", stderr(&out));
 
+    // A zero idle timeout for the app's connections.
+    let mut args = base(&dir.path().join("policies"));
+    args.extend(["--app-idle-timeout".to_owned(), "0s".to_owned()]);
+    let out = run(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(out.status.code(), Some(64), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("invalid `app_idle_timeout` `0s`"),
+        "{}",
+        stderr(&out)
+    );
+
     // Nothing was bound and nothing was decided.
     std::net::TcpListener::bind(("127.0.0.1", port)).expect("the port was left free");
     let audited = std::fs::read_to_string(&audit).unwrap_or_default();

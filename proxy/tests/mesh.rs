@@ -164,6 +164,53 @@ async fn idle_http1_upstream_connections_are_dropped_before_the_callee_closes_th
 }
 
 #[tokio::test]
+async fn idle_connections_to_the_app_are_dropped_after_app_idle_timeout() {
+    // App servers close idle keep-alive connections on their own clock (Node.js and uvicorn 5 s,
+    // gunicorn's async workers 2 s); the inbound pool must let go first, after app_idle_timeout.
+    let app = App::start().await;
+    let (relay, accepted) = counting_relay(app.addr).await;
+    let server = Harness::with(|config, _| {
+        config.limits.app_idle_timeout = Duration::from_secs(1);
+        config.inbound[0].app = relay;
+    })
+    .await;
+    let web = server.client(WEB);
+    let get = |path: &'static str| {
+        let web = web.clone();
+        let inbound = server.inbound();
+        async move {
+            let response = web.get(inbound, path).await.unwrap();
+            assert_eq!(status(&response), 200, "{response}");
+        }
+    };
+
+    get("/api/one").await;
+    get("/api/two").await;
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        1,
+        "back-to-back calls share a connection"
+    );
+    // Idle for less than the timeout: still reused.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    get("/api/three").await;
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        1,
+        "a briefly idle connection is reused"
+    );
+    // Idle past it: a new connection.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    get("/api/four").await;
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        2,
+        "a connection idle past app_idle_timeout was reused"
+    );
+    assert_eq!(app.seen().len(), 4);
+}
+
+#[tokio::test]
 async fn an_unreachable_upstream_is_a_502_with_the_reason() {
     let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = closed.local_addr().unwrap();

@@ -41,9 +41,6 @@ pub type AppClient = Client<HttpConnector, Incoming>;
 /// A response body: the app's, streamed, or one the proxy wrote.
 pub type ProxyBody = Either<Incoming, Full<Bytes>>;
 
-/// How long an idle pooled connection to the app is kept.
-const APP_POOL_IDLE: Duration = Duration::from_secs(60);
-
 /// hyper's smallest accepted read buffer limit.
 const MIN_BUF_SIZE: usize = 8192;
 
@@ -106,13 +103,14 @@ impl Builders {
     }
 }
 
-/// A pooled plain HTTP client (for the app).
-pub fn app_client(connect_timeout: Duration) -> AppClient {
+/// A pooled plain HTTP client (for the app), keeping idle connections for `idle_timeout`
+/// ([`Limits::app_idle_timeout`](crate::config::Limits::app_idle_timeout)).
+pub fn app_client(connect_timeout: Duration, idle_timeout: Duration) -> AppClient {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     connector.set_connect_timeout(Some(connect_timeout));
     Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(APP_POOL_IDLE)
+        .pool_idle_timeout(idle_timeout)
         .pool_timer(TokioTimer::new())
         .build(connector)
 }
