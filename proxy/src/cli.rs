@@ -19,7 +19,8 @@ use crate::config::{ListenerSetting, ProxySettings};
 /// Exit code when the proxy fails.
 pub const EX_FAILED: u8 = 1;
 
-/// The flags of `meshward proxy run` and `meshward-proxy run`; every flag also reads `MESHWARD_PROXY_<SETTING>` and the `--config` file.
+/// The flags of `meshward proxy run` and `meshward-proxy run`; every flag also reads
+/// `MESHWARD_PROXY_<SETTING>` and the `--config` file.
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// TOML config file; flags and env win over it.
