@@ -1,5 +1,7 @@
 //! Child processes: spawned with their output in a log file, read from `/proc`, stopped on drop
-//! (SIGTERM, then SIGKILL after a grace period).
+//! (SIGTERM, then SIGKILL after a grace period), and killed by the kernel if the bench itself dies
+//! first (`setpriv --pdeathsig KILL`), so a bench stopped by a signal leaves no sidecar or Envoy
+//! running to skew the next measurement.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -34,15 +36,19 @@ pub struct Usage {
 
 impl Proc {
     /// Spawns `cmd` with stdout and stderr going to `<dir>/<name>.log`.
+    ///
+    /// The program runs under `setpriv --pdeathsig KILL` (util-linux), which execs it: the pid is
+    /// the program's, and the kernel kills it when the thread that spawned it exits. Callers spawn
+    /// from the bench's main thread, which lives until the end of the run.
     pub fn spawn(name: &str, cmd: &mut Command, dir: &Path) -> anyhow::Result<Self> {
         let log = dir.join(format!("{name}.log"));
         let file = std::fs::File::create(&log)?;
-        let child = cmd
+        let child = with_parent_death_signal(cmd)
             .stdin(Stdio::null())
             .stdout(file.try_clone()?)
             .stderr(file)
             .spawn()
-            .with_context(|| format!("start {name} ({cmd:?})"))?;
+            .with_context(|| format!("start {name} ({cmd:?}) under `setpriv` (util-linux)"))?;
         Ok(Self { child, log })
     }
 
@@ -87,6 +93,25 @@ impl Proc {
             .unwrap_or_default()
             .join("\n")
     }
+}
+
+/// `cmd` run by `setpriv --pdeathsig KILL --` (same arguments and environment).
+fn with_parent_death_signal(cmd: &Command) -> Command {
+    let mut wrapped = Command::new("setpriv");
+    wrapped
+        .args(["--pdeathsig", "KILL", "--"])
+        .arg(cmd.get_program())
+        .args(cmd.get_args());
+    for (key, value) in cmd.get_envs() {
+        match value {
+            Some(value) => wrapped.env(key, value),
+            None => wrapped.env_remove(key),
+        };
+    }
+    if let Some(dir) = cmd.get_current_dir() {
+        wrapped.current_dir(dir);
+    }
+    wrapped
 }
 
 impl Drop for Proc {
