@@ -98,7 +98,7 @@ fn svid_rotation_under_continuous_load_loses_no_request() {
 /// still flows on the new root alone.
 #[test]
 fn root_rotation_with_traffic_flowing_loses_no_request() {
-    let mesh = Mesh::start(
+    let mut mesh = Mesh::start(
         MeshOptions::new(BIN)
             .svid_ttl("30s")
             .ca_arg("--agent-svid-ttl", "30s"),
@@ -145,8 +145,25 @@ fn root_rotation_with_traffic_flowing_loses_no_request() {
     assert_eq!(status, 200, "{body}");
     assert!(
         rotations.counts.iter().all(|c| *c >= 1),
-        "each proxy moved to a new svid: {:?}",
-        rotations.counts
+        "each proxy moved to a new svid (client, server): {:?}\nclient log:\n{}\nserver log:\n{}\nagent log:\n{}",
+        rotations.counts,
+        svid_lines(&mesh.client_proxy.log()),
+        svid_lines(&mesh.server_proxy.log()),
+        svid_lines(&mesh.agent.log()),
+    );
+    // The agent renewed its own SVID under the new root and was never locked out (it used to
+    // check the CA's answer against the bundle it read before waiting, refuse it, and then be
+    // refused as `stale_agent_svid` until its SVID expired and it stopped).
+    let agent_log = mesh.agent.log();
+    assert!(
+        mesh.agent.exited().is_none(),
+        "the agent stopped during the root rotation:\n{}",
+        svid_lines(&agent_log)
+    );
+    assert!(
+        agent_log.contains("agent svid renewed") && !agent_log.contains("stale_agent_svid"),
+        "the agent's own renewal under the new root:\n{}",
+        svid_lines(&agent_log)
     );
     let roots = mesh.ca_cli_ok(&["bundle", "show"]);
     assert_eq!(
@@ -154,4 +171,14 @@ fn root_rotation_with_traffic_flowing_loses_no_request() {
         1,
         "the bundle holds the new root only:\n{roots}"
     );
+}
+
+/// The log lines about SVIDs, bundles and errors: what a failed rotation check needs to be read.
+fn svid_lines(log: &str) -> String {
+    log.lines()
+        .filter(|l| {
+            l.contains("svid") || l.contains("bundle") || l.contains("WARN") || l.contains("ERROR")
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }

@@ -223,9 +223,9 @@ impl NodeIdentity {
                     () = stop.cancelled() => return Ok(()),
                     () = tokio::time::sleep(step) => {}
                 }
-                if step < wait {
-                    continue;
-                }
+                // Read the state again: while this task slept, the bundle may have changed (a
+                // root rotation) and the renewal must be checked against the one of now.
+                continue;
             }
             let now = SystemTime::now();
             if state.svid.not_after() <= now
@@ -287,7 +287,10 @@ impl NodeIdentity {
         let issued = client.renew_agent(csr).await.map_err(NodeError::Attest)?;
         let svid = ca_client::svid_from_proto("RenewAgent", issued)
             .map_err(|e| NodeError::BadResponse(e.to_string()))?;
-        check_agent_svid(&svid, &key, &state.bundle, Some(state.svid.spiffe_id()))?;
+        // The bundle as it is now, not as it was when the call started: a root activated
+        // meanwhile signs the answer, and the bundle that names it arrived with `set_bundle`.
+        let bundle = self.current().bundle.clone();
+        check_agent_svid(&svid, &key, &bundle, Some(state.svid.spiffe_id()))?;
         // On disk first: if the agent stops right after this, it resumes with the renewed SVID
         // (the CA has already stopped honouring the previous one).
         self.store.save_svid(&svid, &key)?;

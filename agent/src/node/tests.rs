@@ -1,5 +1,6 @@
 use std::os::unix::fs::PermissionsExt as _;
 
+use meshward_identity::proto::ca as pb;
 use meshward_identity::test_util::TestPki;
 use meshward_identity::x509::certs_to_pem;
 
@@ -180,6 +181,66 @@ async fn the_agent_svid_is_renewed_at_half_life_and_kept_on_disk() {
         .unwrap();
     assert_eq!(on_disk.svid.serial(), renewed.svid.serial());
     // The CA refuses the old SVID now; the client moved to the new one by itself.
+    client.sync_entries().await.unwrap();
+
+    stop.cancel();
+    worker.await.unwrap().unwrap();
+}
+
+/// A root rotation while the renewal loop waits for half-life: the CA's answer is signed by the
+/// new root, which the agent learned of (`set_bundle`, as on `WatchBundle`) after the loop began
+/// to wait. The answer must be checked against the bundle of that moment. Checked against the
+/// one read before the wait, it was refused ("does not chain"), and since the CA had already
+/// replaced the old SVID, every later call was refused as `stale_agent_svid` until the agent's SVID
+/// expired and the agent stopped.
+#[tokio::test]
+async fn a_renewal_after_a_root_rotation_is_checked_against_the_current_bundle() {
+    let ca = TestCa::start(HOUR, Duration::from_secs(30)).await;
+    let config = ca.agent_config("node-r").await;
+    let node = NodeIdentity::establish(&config, SystemTime::now())
+        .await
+        .unwrap();
+    let first = node.current();
+    assert_eq!(first.bundle.len(), 1);
+    let client = CaClient::new(config.ca_addr.clone(), node.subscribe(), config.ca_timeout);
+    let stop = CancellationToken::new();
+    let worker = tokio::spawn(node.clone().renew(
+        client.clone(),
+        AgentMetrics::new(),
+        stop.clone(),
+    ));
+    // Let the loop start waiting with the one-root bundle.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let mut admin = ca.admin().await;
+    admin
+        .prepare_root(pb::RotateRequest::default())
+        .await
+        .unwrap();
+    let shown = admin
+        .show_bundle(pb::ShowBundleRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let (bundle, _jwt) =
+        crate::ca_client::bundle_from_proto("ShowBundle", &first.trust_domain, &shown).unwrap();
+    assert_eq!(bundle.len(), 2, "the prepared root is in the bundle");
+    assert!(node.set_bundle(bundle).unwrap());
+    admin
+        .activate_root(pb::RotateRequest::default())
+        .await
+        .unwrap();
+
+    eventually(
+        Duration::from_secs(25),
+        "agent svid renewal under the new root",
+        || node.current().svid.serial() != first.svid.serial(),
+    )
+    .await;
+    let renewed = node.current();
+    assert!(renewed.svid.not_after() > first.svid.not_after());
+    assert_eq!(renewed.bundle.len(), 2);
+    // The CA takes the renewed SVID: the agent is not locked out.
     client.sync_entries().await.unwrap();
 
     stop.cancel();
