@@ -75,15 +75,18 @@ pub enum NodeError {
         /// The node name in the agent's SPIFFE ID.
         node: String,
     },
-    /// The SVID expired while the agent was running, because the CA was unreachable for too long.
+    /// The SVID expired while the agent was running: every renewal failed (the CA unreachable,
+    /// or refusing, e.g. an evicted agent) until it was too late.
     #[error(
-        "the agent svid expired at {expired_at} while the ca was unreachable: create a new join token for node `{node}` with `meshward ca token create --node {node}` and restart the agent with `--join-token`"
+        "the agent svid expired at {expired_at} without a renewal (last attempt: {last_error}): create a new join token for node `{node}` with `meshward ca token create --node {node}` and restart the agent with `--join-token`"
     )]
     Expired {
         /// When it expired (RFC 3339, UTC).
         expired_at: String,
         /// The node name in the agent's SPIFFE ID.
         node: String,
+        /// Why the last renewal failed.
+        last_error: String,
     },
     /// There is no SVID in the data dir and no join token to get one.
     #[error("no agent svid in `{}` and no join token: create one with `meshward ca token create --node NAME` and pass it with `--join-token`", data_dir.display())]
@@ -212,6 +215,7 @@ impl NodeIdentity {
         stop: CancellationToken,
     ) -> Result<(), NodeError> {
         let mut retry = Duration::from_secs(1);
+        let mut last_error = String::from("none was attempted");
         loop {
             let state = self.current();
             metrics.set_agent_svid_expiry(state.svid.not_after());
@@ -254,6 +258,7 @@ impl NodeIdentity {
                 return Err(NodeError::Expired {
                     expired_at: rfc3339(state.svid.not_after()),
                     node: self.node.clone(),
+                    last_error,
                 });
             }
             match self.renew_once(&client, &state).await {
@@ -270,6 +275,7 @@ impl NodeIdentity {
                         .unwrap_or_default();
                     let pause = retry.min(left / 4).max(Duration::from_millis(500));
                     tracing::warn!(error = %e, retry_in = ?pause, expires = %rfc3339(state.svid.not_after()), "agent svid renewal failed; the current svid stays in use");
+                    last_error = e.to_string();
                     tokio::select! {
                         () = stop.cancelled() => return Ok(()),
                         () = tokio::time::sleep(pause) => {}

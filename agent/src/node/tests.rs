@@ -247,6 +247,45 @@ async fn a_renewal_after_a_root_rotation_is_checked_against_the_current_bundle()
     worker.await.unwrap().unwrap();
 }
 
+/// An agent evicted while running: every renewal is refused until its SVID expires, and then the
+/// loop stops with an error that says why the renewals failed and what to do, not "unreachable".
+#[tokio::test]
+async fn an_svid_that_expires_because_renewals_were_refused_says_why() {
+    let ca = TestCa::start(HOUR, Duration::from_secs(30)).await;
+    let config = ca.agent_config("node-e").await;
+    let node = NodeIdentity::establish(&config, SystemTime::now())
+        .await
+        .unwrap();
+    let first = node.current();
+    let mut admin = ca.admin().await;
+    admin
+        .evict_agent(pb::EvictAgentRequest {
+            spiffe_id: first.svid.spiffe_id().to_string(),
+        })
+        .await
+        .unwrap();
+
+    let client = CaClient::new(config.ca_addr.clone(), node.subscribe(), config.ca_timeout);
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(40),
+        node.clone()
+            .renew(client, AgentMetrics::new(), CancellationToken::new()),
+    )
+    .await
+    .expect("the loop ends when the svid expires");
+    let err = outcome.unwrap_err();
+    assert!(matches!(err, NodeError::Expired { .. }), "{err:?}");
+    let message = err.to_string();
+    assert!(message.contains("evicted"), "{message}");
+    assert!(!message.contains("unreachable"), "{message}");
+    assert!(
+        message.contains("meshward ca token create --node node-e"),
+        "{message}"
+    );
+    // Nothing was renewed: the SVID in use is still the first one.
+    assert_eq!(node.current().svid.serial(), first.svid.serial());
+}
+
 #[test]
 fn unusable_files_in_the_data_dir_are_refused_by_name() {
     let pki = TestPki::new(TD);
