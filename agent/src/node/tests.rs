@@ -139,13 +139,19 @@ async fn a_ca_outside_the_bootstrap_bundle_is_not_trusted() {
     }
 }
 
-#[tokio::test]
-async fn the_agent_svid_is_renewed_at_half_life_and_kept_on_disk() {
+/// A CA issuing 30 s agent SVIDs, and an agent `name` attested to it: the renewal tests' start.
+async fn established_with_30s_svid(name: &str) -> (TestCa, AgentConfig, NodeIdentity) {
     let ca = TestCa::start(HOUR, Duration::from_secs(30)).await;
-    let config = ca.agent_config("node-f").await;
+    let config = ca.agent_config(name).await;
     let node = NodeIdentity::establish(&config, SystemTime::now())
         .await
         .unwrap();
+    (ca, config, node)
+}
+
+#[tokio::test]
+async fn the_agent_svid_is_renewed_at_half_life_and_kept_on_disk() {
+    let (_ca, config, node) = established_with_30s_svid("node-f").await;
     let first = node.current();
     let renew_at = half_life(&first.svid);
     let lifetime = lifetime(&first.svid);
@@ -195,11 +201,7 @@ async fn the_agent_svid_is_renewed_at_half_life_and_kept_on_disk() {
 /// expired and the agent stopped.
 #[tokio::test]
 async fn a_renewal_after_a_root_rotation_is_checked_against_the_current_bundle() {
-    let ca = TestCa::start(HOUR, Duration::from_secs(30)).await;
-    let config = ca.agent_config("node-r").await;
-    let node = NodeIdentity::establish(&config, SystemTime::now())
-        .await
-        .unwrap();
+    let (ca, config, node) = established_with_30s_svid("node-r").await;
     let first = node.current();
     assert_eq!(first.bundle.len(), 1);
     let client = CaClient::new(config.ca_addr.clone(), node.subscribe(), config.ca_timeout);
@@ -251,11 +253,7 @@ async fn a_renewal_after_a_root_rotation_is_checked_against_the_current_bundle()
 /// loop stops with an error that says why the renewals failed and what to do, not "unreachable".
 #[tokio::test]
 async fn an_svid_that_expires_because_renewals_were_refused_says_why() {
-    let ca = TestCa::start(HOUR, Duration::from_secs(30)).await;
-    let config = ca.agent_config("node-e").await;
-    let node = NodeIdentity::establish(&config, SystemTime::now())
-        .await
-        .unwrap();
+    let (ca, config, node) = established_with_30s_svid("node-e").await;
     let first = node.current();
     let mut admin = ca.admin().await;
     admin
