@@ -2,14 +2,15 @@
 //! load"), every part its own OS process on loopback:
 //!
 //! ```text
-//!                       meshward ca run (--svid-ttl 30s) <- meshward agent run (join token)
+//!   meshward ca run (--svid-ttl 30s --agent-svid-ttl 30s) <- meshward agent run (join token)
 //!                                                              | Workload API (unix:path attestation)
 //! load tool -> client-i proxy (outbound) -mTLS-> server-i proxy (inbound, Cedar, audit) -> backend
 //!              (i = 0..pairs, each proxy run from its own hard link of meshward: its own identity)
 //! ```
 //!
 //! Every SVID lives 30 s (the minimum), so the agent renews each at about half its life and every
-//! proxy swaps a new SVID in every ~15 s. The load tool drives a closed loop at full speed
+//! proxy swaps a new SVID in every ~15 s; the agent's own SVID too, so the agent renews itself
+//! under the new root during the run. The load tool drives a closed loop at full speed
 //! (`concurrency` HTTP/1.1 keep-alive connections per pair, each sending its next request as soon
 //! as the last answered) until the proxies have swapped in `target` new SVIDs. A rotation is a
 //! *real swap in a proxy*: a `svid loaded` log line of that proxy whose serial differs from the one
@@ -242,6 +243,11 @@ fn run() -> anyhow::Result<bool> {
     let cpu = mesh.cpu_secs() - usage_before;
     let counters = mesh.proxy_counters();
     let passed = report(&settings, &outcome, cpu, &counters);
+    let agent_log = std::fs::read_to_string(work.path().join("agent.log")).unwrap_or_default();
+    println!(
+        "- agent: renewed its own SVID {} times ({SVID_TTL} agent SVIDs)",
+        agent_log.matches("\"agent svid renewed\"").count()
+    );
     if !passed {
         for s in mesh.clients.iter().chain(&mesh.servers).take(2) {
             eprintln!("{} log tail:\n{}", s.name, s.proc.log_tail());
@@ -467,7 +473,11 @@ impl Mesh {
                 .args(["--listen", &ca_addr.to_string()])
                 .arg("--data-dir")
                 .arg(&ca_dir)
-                .args(["--svid-ttl", SVID_TTL]),
+                .args(["--svid-ttl", SVID_TTL])
+                // The agent's own SVID too, so that it renews itself every ~15 s under load,
+                // across the root rotation as well (the renewal must take the new root: see
+                // agent/src/node/tests.rs, which reproduces that case deterministically).
+                .args(["--agent-svid-ttl", SVID_TTL]),
             dir,
         )?;
         wait_for(READY_TIMEOUT, "the ca to serve", || {
