@@ -166,6 +166,7 @@ async fn json_listings_parse() {
     );
     assert_eq!(agents[0]["attestation"], "join_token");
     assert!(agents[0]["expires_at"].as_i64().unwrap() > 0);
+    assert_eq!(agents[0]["pending_serial"], Value::Null);
 
     let authorities = json(&ca.cli_ok(&["rotate", "list", "--output", "json"]));
     assert_eq!(authorities[0]["state"], "active");

@@ -20,7 +20,7 @@ use meshward_identity::test_util::TestPki;
 use meshward_identity::verify::{PeerRole, PeerVerifier};
 use meshward_identity::x509::{SvidKey, make_csr};
 use meshward_tests::{
-    CaOptions, CaProcess, agent_id, attest_request, trust_domain, workload_request,
+    AgentSvid, CaOptions, CaProcess, agent_id, attest_request, trust_domain, workload_request,
 };
 use rustls_pki_types::{CertificateDer, UnixTime};
 use serde_json::Value;
@@ -198,6 +198,96 @@ async fn an_unknown_join_token_is_refused() {
     assert_eq!(ca.audit().issued(agent_id(NODE).as_str()), 0);
     // The real token is untouched by the failed guess.
     attest_with(&ca, &real, NODE).await.unwrap();
+}
+
+/// Renews `agent` over its own mTLS connection; the renewed SVID as an `AgentSvid`.
+async fn renew(ca: &CaProcess, agent: &AgentSvid) -> AgentSvid {
+    let key = SvidKey::generate().unwrap();
+    let svid = ca
+        .as_agent(agent)
+        .await
+        .renew_agent(pb::RenewAgentRequest {
+            csr: make_csr(&key, &agent.id).unwrap(),
+        })
+        .await
+        .expect("renew the agent svid")
+        .into_inner()
+        .svid
+        .unwrap();
+    AgentSvid {
+        id: agent.id.clone(),
+        chain: svid
+            .cert_chain
+            .into_iter()
+            .map(CertificateDer::from)
+            .collect(),
+        key,
+        serial: svid.serial,
+        expires_at: svid.expires_at,
+    }
+}
+
+/// A renewal answer lost on the way (the agent never got the SVID the CA signed) does not lock the
+/// agent out: its SVID works until it presents a newer one, so it renews again. `ca agent list`
+/// shows the pending SVID; the one never used is refused.
+#[tokio::test]
+async fn a_lost_renewal_answer_does_not_lock_the_agent_out() {
+    let ca = ca();
+    ca.create_entry(WEB, NODE);
+    let agent = ca.attest(NODE).await;
+    let journal = ca.journal_count();
+    let lost = renew(&ca, &agent).await;
+    let renewed = renew(&ca, &agent).await;
+    assert_eq!(
+        ca.journal_count(),
+        journal + 2,
+        "both renewals are journaled"
+    );
+    let listed = |ca: &CaProcess| -> Value {
+        let agents: Value =
+            serde_json::from_str(&ca.cli_ok(&["agent", "list", "--output", "json"])).unwrap();
+        agents[0].clone()
+    };
+    let row = listed(&ca);
+    assert_eq!(row["serial"], agent.serial.as_str());
+    assert_eq!(row["pending_serial"], renewed.serial.as_str());
+    assert_eq!(row["pending_expires_at"], renewed.expires_at);
+
+    // The lost SVID was replaced before it was ever used: it gets nothing.
+    let journal = ca.journal_count();
+    let err = ca
+        .as_agent(&lost)
+        .await
+        .mint_x509_svids(pb::MintX509SvidsRequest {
+            requests: vec![workload_request(WEB)],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    ca.assert_nothing_issued(WEB, journal);
+
+    // The renewed one works and becomes current; from then on the first SVID gets nothing.
+    ca.as_agent(&renewed)
+        .await
+        .mint_x509_svids(pb::MintX509SvidsRequest {
+            requests: vec![workload_request(WEB)],
+        })
+        .await
+        .unwrap();
+    let row = listed(&ca);
+    assert_eq!(row["serial"], renewed.serial.as_str());
+    assert_eq!(row["expires_at"], renewed.expires_at);
+    assert_eq!(row["pending_serial"], Value::Null);
+    let journal = ca.journal_count();
+    let err = ca
+        .as_agent(&agent)
+        .await
+        .sync_entries(pb::SyncEntriesRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains("stale_agent_svid"), "{err:?}");
+    assert_eq!(ca.journal_count(), journal);
 }
 
 #[tokio::test]

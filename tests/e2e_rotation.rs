@@ -152,8 +152,9 @@ fn root_rotation_with_traffic_flowing_loses_no_request() {
         svid_lines(&mesh.agent.log()),
     );
     // The agent renewed its own SVID under the new root and was never locked out (it used to
-    // check the CA's answer against the bundle it read before waiting, refuse it, and then be
-    // refused as `stale_agent_svid` until its SVID expired and it stopped).
+    // check the CA's answer against the bundle it read before waiting and refuse it; the CA, which
+    // then made the old SVID stale at once, refused it as `stale_agent_svid` until its SVID expired
+    // and it stopped).
     let agent_log = mesh.agent.log();
     assert!(
         mesh.agent.exited().is_none(),

@@ -298,7 +298,7 @@ impl NodeIdentity {
         let bundle = self.current().bundle.clone();
         check_agent_svid(&svid, &key, &bundle, Some(state.svid.spiffe_id()))?;
         // On disk first: if the agent stops right after this, it resumes with the renewed SVID
-        // (the CA has already stopped honouring the previous one).
+        // (the CA honours the previous one only until the agent first presents this one).
         self.store.save_svid(&svid, &key)?;
         tracing::info!(agent = %svid.spiffe_id(), serial = %svid.serial(), expires = %rfc3339(svid.not_after()), "agent svid renewed");
         self.tx.send_replace(Arc::new(NodeState {

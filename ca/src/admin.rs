@@ -454,6 +454,15 @@ fn agent_to_proto(agent: &datastore::Agent) -> pb::Agent {
         expires_at: unix_seconds(agent.expires_at),
         evicted: agent.evicted,
         attested_at: unix_seconds(agent.attested_at),
+        pending_serial: agent
+            .pending
+            .as_ref()
+            .map(|p| p.serial.clone())
+            .unwrap_or_default(),
+        pending_expires_at: agent
+            .pending
+            .as_ref()
+            .map_or(0, |p| unix_seconds(p.expires_at)),
     }
 }
 

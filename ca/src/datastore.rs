@@ -36,7 +36,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use ring::rand::{SecureRandom, SystemRandom};
 use rusqlite::{Connection, OpenFlags, Transaction, TransactionBehavior};
 
-pub use agents::{Admission, Agent, AgentError, AttestationMethod, NewAgent};
+pub use agents::{Admission, Agent, AgentError, AttestationMethod, NewAgent, PendingSvid};
 pub use authorities::{Authority, AuthorityError, AuthorityState, authority_id};
 pub use entries::{Entry, NewEntry, NodeScope, Selector, SelectorKind};
 pub use journal::Issued;

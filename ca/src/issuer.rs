@@ -307,7 +307,8 @@ impl Issuer {
         self.inner.authorize(&state, peer, serial, now)
     }
 
-    /// Signs a new agent SVID for `agent`'s new key; its current SVID stops working at once.
+    /// Signs a new agent SVID for `agent`'s new key. It is pending until the agent first presents it;
+    /// from then on the SVID `agent` presented here no longer works (see `datastore::agents`).
     pub fn renew_agent(
         &self,
         agent: &AgentIdentity,
@@ -342,9 +343,9 @@ impl Issuer {
             now,
         )
         .map_err(&refuse)?;
-        // Journal first: if the agent row moved to the new SVID and journaling then failed, the agent
-        // would hold only a stale SVID and need a new join token. The other way round, a failed renewal
-        // leaves a journal row for an SVID never handed out, which only delays a root's retirement.
+        // Journal first: an SVID that is pending in the agent row must be in the journal (root
+        // retirement reads it). The other way round, a failed renewal leaves a journal row for an
+        // SVID never handed out, which only delays a root's retirement.
         inner.journal_agent_svid(&state, &signed, &agent.node, now)?;
         inner
             .datastore
@@ -356,7 +357,7 @@ impl Issuer {
                 now,
             )
             .map_err(|e| refuse(agent_error(e, &agent.spiffe_id)))?;
-        // If this fails the agent holds nothing new while its row names the new SVID; it re-attests.
+        // If this fails the agent gets no answer; its current SVID still works and it renews again.
         // A failed audit log refuses every later record anyway, so the CA is unusable until fixed.
         inner.audit_checked(
             Outcome::issued(agent.spiffe_id.as_str(), &signed, SvidKind::Agent, None),

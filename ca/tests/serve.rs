@@ -512,7 +512,7 @@ async fn an_evicted_agent_gets_nothing_more() {
 }
 
 #[tokio::test]
-async fn a_renewed_agent_must_use_its_new_svid() {
+async fn a_renewed_agent_svid_replaces_the_old_one_once_the_agent_uses_it() {
     let ca = Ca::start().await;
     let (chain, key) = ca.attest("n1").await;
     ca.create_entry("spiffe://example.org/web", "n1").await;
@@ -530,16 +530,13 @@ async fn a_renewed_agent_must_use_its_new_svid() {
         .unwrap();
     assert_eq!(renewed.spiffe_id, id.as_str());
 
-    // The old SVID is stale now.
-    let err = old
-        .mint_jwt_svid(pb::MintJwtSvidRequest {
-            spiffe_id: "spiffe://example.org/web".into(),
-            audience: vec!["db".into()],
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    let jwt_for_db = || pb::MintJwtSvidRequest {
+        spiffe_id: "spiffe://example.org/web".into(),
+        audience: vec!["db".into()],
+        ..Default::default()
+    };
+    // Until the agent presents the new SVID, the old one still works (the answer may be lost).
+    old.mint_jwt_svid(jwt_for_db()).await.unwrap();
 
     // The new one works, for JWT-SVIDs too.
     let chain = renewed
@@ -548,17 +545,20 @@ async fn a_renewed_agent_must_use_its_new_svid() {
         .map(CertificateDer::from)
         .collect();
     let mut new = ca.as_agent(chain, &new_key).await;
-    let jwt = new
-        .mint_jwt_svid(pb::MintJwtSvidRequest {
-            spiffe_id: "spiffe://example.org/web".into(),
-            audience: vec!["db".into()],
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let jwt = new.mint_jwt_svid(jwt_for_db()).await.unwrap().into_inner();
     assert_eq!(jwt.token.split('.').count(), 3);
     assert!(jwt.expires_at > 0);
+
+    // The agent has used its new SVID: the old one is stale now, whatever it asks.
+    let err = old.mint_jwt_svid(jwt_for_db()).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    let err = old
+        .renew_agent(pb::RenewAgentRequest {
+            csr: make_csr(&SvidKey::generate().unwrap(), &id).unwrap(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
     let err = new
         .mint_jwt_svid(pb::MintJwtSvidRequest {
             spiffe_id: "spiffe://example.org/web".into(),

@@ -714,6 +714,9 @@ fn agent_json(a: &pb::Agent) -> Value {
         "expires_at": a.expires_at,
         "evicted": a.evicted,
         "attested_at": a.attested_at,
+        // A renewed SVID the agent has not presented yet (`serial` still works until it does).
+        "pending_serial": (!a.pending_serial.is_empty()).then_some(&a.pending_serial),
+        "pending_expires_at": (!a.pending_serial.is_empty()).then_some(a.pending_expires_at),
     })
 }
 

@@ -196,9 +196,9 @@ async fn the_agent_svid_is_renewed_at_half_life_and_kept_on_disk() {
 /// A root rotation while the renewal loop waits for half-life: the CA's answer is signed by the
 /// new root, which the agent learned of (`set_bundle`, as on `WatchBundle`) after the loop began
 /// to wait. The answer must be checked against the bundle of that moment. Checked against the
-/// one read before the wait, it was refused ("does not chain"), and since the CA had already
-/// replaced the old SVID, every later call was refused as `stale_agent_svid` until the agent's SVID
-/// expired and the agent stopped.
+/// one read before the wait, it was refused ("does not chain"); and while the CA still made the
+/// old SVID stale at once on renewal, every later call was refused as `stale_agent_svid` until the
+/// agent's SVID expired and the agent stopped (the next test covers that side).
 #[tokio::test]
 async fn a_renewal_after_a_root_rotation_is_checked_against_the_current_bundle() {
     let (ca, config, node) = established_with_30s_svid("node-r").await;
@@ -247,6 +247,37 @@ async fn a_renewal_after_a_root_rotation_is_checked_against_the_current_bundle()
 
     stop.cancel();
     worker.await.unwrap().unwrap();
+}
+
+/// A renewal whose answer never reached the agent (a connection dropped after the CA signed): the
+/// CA keeps the agent's SVID working until the agent presents a newer one, so the agent goes on
+/// with the SVID it holds and its next renewal succeeds. When the CA made the old SVID stale as
+/// soon as it signed the new one, such a lost answer locked the agent out until its SVID expired.
+#[tokio::test]
+async fn a_renewal_answer_the_agent_never_received_does_not_lock_it_out() {
+    let (_ca, config, node) = established_with_30s_svid("node-l").await;
+    let first = node.current();
+    let client = CaClient::new(config.ca_addr.clone(), node.subscribe(), config.ca_timeout);
+
+    // The CA signs a renewal; the agent never sees the answer.
+    let key = SvidKey::generate().unwrap();
+    let csr = make_csr(&key, first.svid.spiffe_id()).unwrap();
+    let lost = client.renew_agent(csr).await.unwrap();
+    drop(lost);
+
+    // The agent goes on with the SVID it holds, and renews with it.
+    client.sync_entries().await.unwrap();
+    node.renew_once(&client, &first).await.unwrap();
+    let renewed = node.current();
+    assert_ne!(renewed.svid.serial(), first.svid.serial());
+    // Its first call with the renewed SVID makes that one current ...
+    client.sync_entries().await.unwrap();
+    // ... and from then on the first SVID (say, a copy of its key) gets nothing.
+    let (_old_tx, old_state) = watch::channel(Arc::clone(&first));
+    let old = CaClient::new(config.ca_addr.clone(), old_state, config.ca_timeout);
+    let err = old.sync_entries().await.unwrap_err().to_string();
+    assert!(err.contains("stale_agent_svid"), "{err}");
+    client.sync_entries().await.unwrap();
 }
 
 /// An agent evicted while running: every renewal is refused until its SVID expires, and then the

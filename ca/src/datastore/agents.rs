@@ -1,8 +1,17 @@
 //! Attested agents: which node each agent identity speaks for, and which of its SVIDs is current.
 //!
 //! The CA lets an agent mint only while its row says so ([`Datastore::agent_may_mint`]): known, not
-//! evicted, presenting its *current* SVID (by serial), and that SVID not expired. Renewal and
-//! re-attestation replace the serial, so a copied old agent key stops working at once.
+//! evicted, presenting its *current* SVID (by serial) or its *pending* one, and that SVID not
+//! expired.
+//!
+//! # Renewal
+//!
+//! A renewed SVID is pending until the agent first presents it; that call makes it current and the
+//! previous SVID stale. Until then the previous SVID keeps working, so a renewal answer that never
+//! reached the agent (a dropped connection) or that the agent refused does not lock it out: it
+//! renews again with the SVID it still holds, and that replaces the pending one, which never works
+//! again. SPIRE keeps an agent's previous serial the same way. A copied old agent key therefore stops
+//! working as soon as the agent has used its new SVID; re-attestation replaces both at once.
 //!
 //! # The eviction rule
 //!
@@ -116,10 +125,21 @@ pub struct Agent {
     pub serial: String,
     /// When its current SVID expires.
     pub expires_at: SystemTime,
+    /// Its renewed SVID, until the agent first presents it (see the module docs).
+    pub pending: Option<PendingSvid>,
     /// Whether an operator evicted it.
     pub evicted: bool,
     /// When it last attested.
     pub attested_at: SystemTime,
+}
+
+/// A renewed agent SVID the agent has not presented yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingSvid {
+    /// Its serial (lower-case hex).
+    pub serial: String,
+    /// Its notAfter.
+    pub expires_at: SystemTime,
 }
 
 /// Why an agent may not do what it asked.
@@ -147,9 +167,9 @@ pub enum AgentError {
         /// When (unix seconds).
         expired_at: i64,
     },
-    /// The agent presented an SVID that is no longer its current one.
+    /// The agent presented an SVID that is neither its current nor its pending one.
     #[error(
-        "agent `{spiffe_id}` presented svid serial `{serial}`, which is not its current one (it renewed or re-attested since); reconnect with the current svid"
+        "agent `{spiffe_id}` presented svid serial `{serial}`, which is no longer valid (the agent has used a newer svid since, or attested again); reconnect with the current svid, or attest again with a new join token if it is lost"
     )]
     StaleSerial {
         /// The agent's identity.
@@ -232,6 +252,7 @@ impl Datastore {
                  ON CONFLICT (spiffe_id) DO UPDATE SET
                     node = excluded.node, attestation = excluded.attestation, serial = excluded.serial,
                     expires_at = excluded.expires_at, attested_at = excluded.attested_at,
+                    pending_serial = NULL, pending_expires_at = NULL,
                     evicted = 0, evicted_at = NULL, evicted_token_seq = NULL",
                 params![id, node, method.as_str(), agent.serial, expires_at, attested_at],
             )
@@ -252,42 +273,55 @@ impl Datastore {
             attestation: method,
             serial: agent.serial.clone(),
             expires_at: from_unix_seconds(expires_at),
+            pending: None,
             evicted: false,
             attested_at: from_unix_seconds(attested_at),
         })
     }
 
-    /// Replaces an agent's SVID after renewal, if `current_serial` is still its current one and it may
-    /// still mint; of two renewals with the same current SVID, only the first succeeds.
+    /// Records a renewed SVID as the agent's pending one (see the module docs). The agent presented
+    /// `presented_serial`: its current SVID, which replaces any pending one never used, or its pending
+    /// one, which becomes current first. Returns the agent as it is now.
     ///
     /// Call [`agent_may_mint`](Self::agent_may_mint) before signing, then this: it checks again
     /// atomically with the update.
     pub fn renew_agent(
         &self,
         spiffe_id: &SpiffeId,
-        current_serial: &str,
+        presented_serial: &str,
         new_serial: &str,
         expires_at: SystemTime,
         now: SystemTime,
     ) -> Result<Agent, AgentError> {
         validate_serial(new_serial)?;
         let now_s = unix_seconds(now);
-        let agent = self.write("renew an agent", |tx| {
+        let (agent, dropped) = self.write("renew an agent", |tx| {
             let agent = select_agent(tx, spiffe_id)?;
-            let agent = check_may_mint(agent.as_ref(), spiffe_id, current_serial, now_s)?.clone();
+            let (agent, presented) = check_may_mint(agent.as_ref(), spiffe_id, presented_serial, now_s)?;
+            let dropped = match presented {
+                Presented::Pending => {
+                    promote(tx, spiffe_id, presented_serial)?;
+                    None
+                }
+                Presented::Current => agent.pending.as_ref().map(|p| p.serial.clone()),
+            };
             tx.execute(
-                "UPDATE agents SET serial = ?2, expires_at = ?3 WHERE spiffe_id = ?1",
+                "UPDATE agents SET pending_serial = ?2, pending_expires_at = ?3 WHERE spiffe_id = ?1",
                 params![spiffe_id.as_str(), new_serial, unix_seconds(expires_at)],
             )
             .doing("renew an agent")?;
-            Ok::<_, AgentError>(agent)
+            let agent = select_agent(tx, spiffe_id)?.ok_or_else(|| unknown(spiffe_id))?;
+            Ok::<_, AgentError>((agent, dropped))
         })?;
-        let agent = Agent {
-            serial: new_serial.to_owned(),
-            expires_at: from_unix_seconds(unix_seconds(expires_at)),
-            ..agent
-        };
-        tracing::info!(agent = %spiffe_id, serial = new_serial, "agent renewed");
+        if let Some(dropped) = dropped {
+            tracing::warn!(
+                agent = %spiffe_id,
+                presented = presented_serial,
+                dropped = %dropped,
+                "agent renewed again with its previous svid; the svid of its last renewal was never used and no longer works (expected after a lost answer; otherwise the old agent key may be in other hands)"
+            );
+        }
+        tracing::info!(agent = %spiffe_id, serial = new_serial, "agent renewed; the new svid is pending until the agent presents it");
         Ok(agent)
     }
 
@@ -329,17 +363,58 @@ impl Datastore {
     }
 
     /// Whether the agent presenting SVID `serial` may mint now; returns its node, for the entitlement
-    /// check. Refuses, in this order: unknown, evicted, stale serial, expired.
+    /// check. Refuses, in this order: unknown, evicted, stale serial, expired. The first call with a
+    /// pending SVID makes it current, and the previous one stale.
     pub fn agent_may_mint(
         &self,
         spiffe_id: &SpiffeId,
         serial: &str,
         now: SystemTime,
     ) -> Result<String, AgentError> {
+        let now_s = unix_seconds(now);
         let agent = self.read(|conn| select_agent(conn, spiffe_id))?;
-        let agent = check_may_mint(agent.as_ref(), spiffe_id, serial, unix_seconds(now))?;
-        Ok(agent.node.clone())
+        let (agent, presented) = check_may_mint(agent.as_ref(), spiffe_id, serial, now_s)?;
+        if presented == Presented::Current {
+            return Ok(agent.node.clone());
+        }
+        // Checked again in the transaction: an eviction or another renewal may have come between.
+        let (node, promoted) = self.write("make a renewed agent svid current", |tx| {
+            let agent = select_agent(tx, spiffe_id)?;
+            let (agent, presented) = check_may_mint(agent.as_ref(), spiffe_id, serial, now_s)?;
+            let promoted = presented == Presented::Pending;
+            if promoted {
+                promote(tx, spiffe_id, serial)?;
+            }
+            Ok::<_, AgentError>((agent.node.clone(), promoted))
+        })?;
+        if promoted {
+            tracing::info!(agent = %spiffe_id, serial, "agent presented its renewed svid; the previous one no longer works");
+        }
+        Ok(node)
     }
+}
+
+/// Which of an agent's SVIDs a call presented.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Presented {
+    Current,
+    Pending,
+}
+
+/// Makes the pending SVID `serial` current; the previous current one becomes stale.
+fn promote(
+    tx: &rusqlite::Transaction<'_>,
+    spiffe_id: &SpiffeId,
+    serial: &str,
+) -> Result<(), DatastoreError> {
+    tx.execute(
+        "UPDATE agents SET serial = pending_serial, expires_at = pending_expires_at,
+            pending_serial = NULL, pending_expires_at = NULL
+         WHERE spiffe_id = ?1 AND pending_serial = ?2",
+        params![spiffe_id.as_str(), serial],
+    )
+    .doing("make a renewed agent svid current")?;
+    Ok(())
 }
 
 fn check_may_mint<'a>(
@@ -347,7 +422,7 @@ fn check_may_mint<'a>(
     spiffe_id: &SpiffeId,
     serial: &str,
     now_s: i64,
-) -> Result<&'a Agent, AgentError> {
+) -> Result<(&'a Agent, Presented), AgentError> {
     let Some(agent) = agent else {
         return Err(unknown(spiffe_id));
     };
@@ -357,20 +432,24 @@ fn check_may_mint<'a>(
             spiffe_id: spiffe_id(),
         });
     }
-    if agent.serial != serial {
-        return Err(AgentError::StaleSerial {
-            spiffe_id: spiffe_id(),
-            serial: serial.to_owned(),
-        });
-    }
-    let expired_at = unix_seconds(agent.expires_at);
+    let (presented, expires_at) = match &agent.pending {
+        _ if agent.serial == serial => (Presented::Current, agent.expires_at),
+        Some(pending) if pending.serial == serial => (Presented::Pending, pending.expires_at),
+        _ => {
+            return Err(AgentError::StaleSerial {
+                spiffe_id: spiffe_id(),
+                serial: serial.to_owned(),
+            });
+        }
+    };
+    let expired_at = unix_seconds(expires_at);
     if now_s >= expired_at {
         return Err(AgentError::Expired {
             spiffe_id: spiffe_id(),
             expired_at,
         });
     }
-    Ok(agent)
+    Ok((agent, presented))
 }
 
 fn unknown(spiffe_id: &SpiffeId) -> AgentError {
@@ -395,7 +474,8 @@ fn validate_serial(serial: &str) -> Result<(), AgentError> {
 }
 
 const SELECT_AGENT: &str =
-    "SELECT spiffe_id, node, attestation, serial, expires_at, evicted, attested_at FROM agents";
+    "SELECT spiffe_id, node, attestation, serial, expires_at, evicted, attested_at,
+        pending_serial, pending_expires_at FROM agents";
 
 fn select_agent(
     conn: &rusqlite::Connection,
@@ -419,6 +499,8 @@ struct AgentColumns {
     expires_at: i64,
     evicted: bool,
     attested_at: i64,
+    pending_serial: Option<String>,
+    pending_expires_at: Option<i64>,
 }
 
 fn agent_columns(row: &Row<'_>) -> rusqlite::Result<AgentColumns> {
@@ -430,6 +512,8 @@ fn agent_columns(row: &Row<'_>) -> rusqlite::Result<AgentColumns> {
         expires_at: row.get(4)?,
         evicted: row.get(5)?,
         attested_at: row.get(6)?,
+        pending_serial: row.get(7)?,
+        pending_expires_at: row.get(8)?,
     })
 }
 
@@ -450,6 +534,13 @@ impl AgentColumns {
             attestation,
             serial: self.serial,
             expires_at: from_unix_seconds(self.expires_at),
+            // The table's CHECK keeps both or neither.
+            pending: self.pending_serial.zip(self.pending_expires_at).map(
+                |(serial, expires_at)| PendingSvid {
+                    serial,
+                    expires_at: from_unix_seconds(expires_at),
+                },
+            ),
             evicted: self.evicted,
             attested_at: from_unix_seconds(self.attested_at),
         })

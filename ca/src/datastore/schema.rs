@@ -9,7 +9,7 @@ use rusqlite::{Connection, TransactionBehavior};
 use super::{DatastoreError, Doing};
 
 /// The migrations, oldest first.
-const MIGRATIONS: &[&str] = &[
+pub(crate) const MIGRATIONS: &[&str] = &[
     // 1: the first schema.
     r"
     -- Join tokens: only the SHA-256 of each token is stored. Used and expired tokens stay (until
@@ -85,6 +85,15 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE UNIQUE INDEX one_active_authority ON authorities (state) WHERE state = 'active';
     CREATE UNIQUE INDEX one_prepared_authority ON authorities (state) WHERE state = 'prepared';
+    ",
+    // 2: an agent's renewed SVID is pending until the agent first presents it. Until then its
+    // current SVID keeps working, so a renewal answer that never reached the agent (or that the
+    // agent refused) does not lock it out; the first call with the new SVID makes it current and
+    // the old one stale. SPIRE keeps an agent's previous serial the same way.
+    r"
+    ALTER TABLE agents ADD COLUMN pending_serial TEXT;
+    ALTER TABLE agents ADD COLUMN pending_expires_at INTEGER
+        CHECK ((pending_serial IS NULL) = (pending_expires_at IS NULL));
     ",
 ];
 

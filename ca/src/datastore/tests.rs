@@ -124,6 +124,38 @@ fn open_sets_wal_and_the_schema_version() {
 }
 
 #[test]
+fn a_version_1_database_migrates_and_keeps_its_agents() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let conn = rusqlite::Connection::open(dir.path().join(DB_FILE)).unwrap();
+        conn.execute_batch(schema::MIGRATIONS[0]).unwrap();
+        conn.pragma_update(None, "user_version", 1).unwrap();
+        conn.execute(
+            "INSERT INTO agents (spiffe_id, node, attestation, serial, expires_at, attested_at)
+             VALUES ('spiffe://td/meshward/agent/join/n1', 'n1', 'join_token', '0a', ?1, ?2)",
+            rusqlite::params![unix_seconds(now() + secs(3600)), unix_seconds(now())],
+        )
+        .unwrap();
+    }
+    let ds = Datastore::open(dir.path()).unwrap();
+    let version: i64 = raw(&ds)
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, schema::latest_version());
+    let agent_id = id("spiffe://td/meshward/agent/join/n1");
+    let agent = ds.agent(&agent_id).unwrap().unwrap();
+    assert_eq!((agent.serial.as_str(), agent.pending), ("0a", None));
+    assert_eq!(agent.expires_at, now() + secs(3600));
+    // The migrated row takes a pending renewal like a new one.
+    let renewed = ds
+        .renew_agent(&agent_id, "0a", "0b", now() + secs(7200), now())
+        .unwrap();
+    assert_eq!(renewed.pending.unwrap().serial, "0b");
+    ds.agent_may_mint(&agent_id, "0b", now()).unwrap();
+    assert_eq!(ds.agent(&agent_id).unwrap().unwrap().serial, "0b");
+}
+
+#[test]
 fn open_refuses_a_schema_from_a_newer_meshward() {
     let (dir, ds) = store();
     raw(&ds)

@@ -504,7 +504,7 @@ fn authorize_agent_checks_every_rule() {
 }
 
 #[test]
-fn renewal_replaces_the_agent_svid() {
+fn a_renewed_agent_svid_replaces_the_old_one_once_the_agent_uses_it() {
     let env = env();
     let agent = env.agent("node-1");
     let before = env.snapshot();
@@ -520,22 +520,53 @@ fn renewal_replaces_the_agent_svid() {
     assert_ne!(renewed.serial, agent.serial);
     assert_eq!(env.journal(), before.journal + 1);
     assert_eq!(env.count(AuditDecision::Issued), before.issued + 1);
-    // The old SVID is stale at once; the new one works.
+    // Until the agent presents the new SVID, the old one still works: the answer may be lost.
+    env.issuer
+        .authorize_agent(&agent.spiffe_id, &agent.serial, env.now)
+        .unwrap();
+    // The first call with the new one makes it current; the old one is stale from then on.
+    env.issuer
+        .authorize_agent(&agent.spiffe_id, &renewed.serial, env.now)
+        .unwrap();
     let err = env
         .issuer
         .authorize_agent(&agent.spiffe_id, &agent.serial, env.now)
         .unwrap_err();
     assert!(matches!(err, IssueError::StaleAgentSvid { .. }), "{err}");
-    env.issuer
-        .authorize_agent(&agent.spiffe_id, &renewed.serial, env.now)
-        .unwrap();
-    // ... and renewing with the stale one again gets nothing.
+    // ... and renewing with the stale one gets nothing.
     let before = env.snapshot();
     let result = env
         .issuer
         .renew_agent(&agent, &csr_for(agent.spiffe_id.as_str()), env.now);
     assert_eq!(result.unwrap_err().code(), "stale_agent_svid");
     assert_eq!(env.journal(), before.journal);
+}
+
+#[test]
+fn an_agent_that_lost_its_renewal_answer_renews_again_with_its_old_svid() {
+    let env = env();
+    let agent = env.agent("node-1");
+    let lost = env
+        .issuer
+        .renew_agent(&agent, &csr_for(agent.spiffe_id.as_str()), env.now)
+        .unwrap();
+    let before = env.snapshot();
+    let renewed = env
+        .issuer
+        .renew_agent(&agent, &csr_for(agent.spiffe_id.as_str()), env.now)
+        .unwrap();
+    assert_ne!(renewed.serial, lost.serial);
+    assert_eq!(env.journal(), before.journal + 1);
+    assert_eq!(env.count(AuditDecision::Issued), before.issued + 1);
+    // The SVID of the lost answer never works; the new one does.
+    let err = env
+        .issuer
+        .authorize_agent(&agent.spiffe_id, &lost.serial, env.now)
+        .unwrap_err();
+    assert!(matches!(err, IssueError::StaleAgentSvid { .. }), "{err}");
+    env.issuer
+        .authorize_agent(&agent.spiffe_id, &renewed.serial, env.now)
+        .unwrap();
 }
 
 #[test]

@@ -37,6 +37,7 @@ fn an_attested_agent_may_mint_for_its_node() {
             attestation: AttestationMethod::JoinToken,
             serial: "01ab".into(),
             expires_at: now() + secs(3600),
+            pending: None,
             evicted: false,
             attested_at: now(),
         }
@@ -112,8 +113,15 @@ fn minting_is_refused_for_unknown_stale_expired_and_evicted_agents() {
     );
 }
 
+fn pending(serial: &str, expires_at: SystemTime) -> Option<PendingSvid> {
+    Some(PendingSvid {
+        serial: serial.into(),
+        expires_at,
+    })
+}
+
 #[test]
-fn renewal_replaces_the_serial_once() {
+fn a_renewed_svid_becomes_current_when_the_agent_first_presents_it() {
     let (_dir, ds) = store();
     attest(&ds, "01");
     let renewed = ds
@@ -125,45 +133,133 @@ fn renewal_replaces_the_serial_once() {
             now() + secs(1800),
         )
         .unwrap();
-    assert_eq!(renewed.serial, "02");
-    assert_eq!(renewed.expires_at, now() + secs(7200));
+    assert_eq!(renewed.serial, "01", "the old svid stays current");
+    assert_eq!(renewed.pending, pending("02", now() + secs(7200)));
     assert_eq!(renewed.attested_at, now(), "renewal is not attestation");
     assert_eq!(ds.agent(&id(AGENT)).unwrap(), Some(renewed));
-    ds.agent_may_mint(&id(AGENT), "02", now() + secs(5000))
-        .unwrap();
+
+    // Until the agent uses the new SVID, the old one works (the answer may not have reached it).
+    assert_eq!(ds.agent_may_mint(&id(AGENT), "01", now()).unwrap(), "n1");
+    assert_eq!(ds.agent(&id(AGENT)).unwrap().unwrap().serial, "01");
+
+    // The first call with the new SVID makes it current: from then on the old one is stale.
+    assert_eq!(
+        ds.agent_may_mint(&id(AGENT), "02", now() + secs(5000))
+            .unwrap(),
+        "n1"
+    );
+    let agent = ds.agent(&id(AGENT)).unwrap().unwrap();
+    assert_eq!(agent.serial, "02");
+    assert_eq!(agent.expires_at, now() + secs(7200));
+    assert_eq!(agent.pending, None);
     let err = ds.agent_may_mint(&id(AGENT), "01", now()).unwrap_err();
     assert!(matches!(err, AgentError::StaleSerial { .. }), "{err}");
-
-    // A second renewal with the old SVID (a copied key, or a retry) loses.
+    assert!(err.to_string().contains("no longer valid"), "{err}");
     let err = ds
         .renew_agent(&id(AGENT), "01", "03", now() + secs(7200), now())
         .unwrap_err();
     assert!(matches!(err, AgentError::StaleSerial { .. }), "{err}");
+    assert_eq!(
+        ds.agent(&id(AGENT)).unwrap(),
+        Some(agent),
+        "nothing changed"
+    );
+}
+
+#[test]
+fn renewing_again_with_the_previous_svid_drops_the_unused_renewal() {
+    let (_dir, ds) = store();
+    attest(&ds, "01");
+    ds.renew_agent(&id(AGENT), "01", "02", now() + secs(7200), now())
+        .unwrap();
+    // The answer with "02" was lost: the agent renews again with "01".
+    let agent = ds
+        .renew_agent(&id(AGENT), "01", "03", now() + secs(7300), now())
+        .unwrap();
+    assert_eq!(agent.serial, "01");
+    assert_eq!(agent.pending, pending("03", now() + secs(7300)));
+    // "02" was never used and never works now; "03" does, and makes "01" stale.
+    let err = ds.agent_may_mint(&id(AGENT), "02", now()).unwrap_err();
+    assert!(matches!(err, AgentError::StaleSerial { .. }), "{err}");
+    ds.agent_may_mint(&id(AGENT), "03", now()).unwrap();
+    for stale in ["01", "02"] {
+        let err = ds.agent_may_mint(&id(AGENT), stale, now()).unwrap_err();
+        assert!(
+            matches!(err, AgentError::StaleSerial { .. }),
+            "{stale}: {err}"
+        );
+    }
+}
+
+#[test]
+fn renewing_with_the_pending_svid_makes_it_current_and_pends_the_next() {
+    let (_dir, ds) = store();
+    attest(&ds, "01");
+    ds.renew_agent(&id(AGENT), "01", "02", now() + secs(7200), now())
+        .unwrap();
+    let agent = ds
+        .renew_agent(&id(AGENT), "02", "03", now() + secs(9000), now())
+        .unwrap();
+    assert_eq!(agent.serial, "02");
+    assert_eq!(agent.expires_at, now() + secs(7200));
+    assert_eq!(agent.pending, pending("03", now() + secs(9000)));
+    let err = ds.agent_may_mint(&id(AGENT), "01", now()).unwrap_err();
+    assert!(matches!(err, AgentError::StaleSerial { .. }), "{err}");
+}
+
+#[test]
+fn renewal_refuses_a_bad_serial_an_expired_an_evicted_and_an_unknown_agent() {
+    let (_dir, ds) = store();
+    attest(&ds, "01");
+    let before = ds.agent(&id(AGENT)).unwrap();
 
     let err = ds
-        .renew_agent(&id(AGENT), "02", "XYZ", now() + secs(7200), now())
+        .renew_agent(&id(AGENT), "01", "XYZ", now() + secs(7200), now())
         .unwrap_err();
     assert!(
         matches!(&err, AgentError::BadSerial { serial } if serial == "XYZ"),
         "{err}"
     );
-
     let err = ds
         .renew_agent(
             &id(AGENT),
-            "02",
+            "01",
             "04",
             now() + secs(9000),
-            now() + secs(7200),
+            now() + secs(3600),
         )
         .unwrap_err();
     assert!(matches!(err, AgentError::Expired { .. }), "{err}");
+    assert_eq!(ds.agent(&id(AGENT)).unwrap(), before, "nothing pending");
+
+    // A pending SVID that expired unused is refused too (its own notAfter counts).
+    ds.renew_agent(&id(AGENT), "01", "02", now() + secs(60), now())
+        .unwrap();
+    let err = ds
+        .agent_may_mint(&id(AGENT), "02", now() + secs(60))
+        .unwrap_err();
+    assert!(matches!(err, AgentError::Expired { .. }), "{err}");
+    assert_eq!(
+        ds.agent(&id(AGENT)).unwrap().unwrap().serial,
+        "01",
+        "not made current"
+    );
 
     ds.evict_agent(&id(AGENT), now()).unwrap();
-    let err = ds
-        .renew_agent(&id(AGENT), "02", "04", now() + secs(9000), now())
-        .unwrap_err();
-    assert!(matches!(err, AgentError::Evicted { .. }), "{err}");
+    for serial in ["01", "02"] {
+        let err = ds
+            .renew_agent(&id(AGENT), serial, "04", now() + secs(9000), now())
+            .unwrap_err();
+        assert!(matches!(err, AgentError::Evicted { .. }), "{err}");
+        let err = ds.agent_may_mint(&id(AGENT), serial, now()).unwrap_err();
+        assert!(matches!(err, AgentError::Evicted { .. }), "{err}");
+    }
+    let evicted = ds.agent(&id(AGENT)).unwrap().unwrap();
+    assert_eq!(
+        evicted.pending,
+        pending("02", now() + secs(60)),
+        "nothing renewed"
+    );
 
     let err = ds
         .renew_agent(
@@ -178,12 +274,21 @@ fn renewal_replaces_the_serial_once() {
 }
 
 #[test]
-fn re_attestation_replaces_the_serial() {
+fn re_attestation_replaces_the_serial_and_any_pending_one() {
     let (_dir, ds) = store();
     attest(&ds, "01");
-    attest(&ds, "02");
-    let err = ds.agent_may_mint(&id(AGENT), "01", now()).unwrap_err();
-    assert!(matches!(err, AgentError::StaleSerial { .. }), "{err}");
+    ds.renew_agent(&id(AGENT), "01", "0a", now() + secs(7200), now())
+        .unwrap();
+    let agent = attest(&ds, "02");
+    assert_eq!(agent.pending, None);
+    assert_eq!(ds.agent(&id(AGENT)).unwrap(), Some(agent));
+    for stale in ["01", "0a"] {
+        let err = ds.agent_may_mint(&id(AGENT), stale, now()).unwrap_err();
+        assert!(
+            matches!(err, AgentError::StaleSerial { .. }),
+            "{stale}: {err}"
+        );
+    }
     assert_eq!(ds.list_agents().unwrap().len(), 1);
 }
 
