@@ -7,6 +7,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let descriptors = protox::compile(protos, ["proto"])?;
     tonic_prost_build::configure()
+        // Maps as BTreeMaps: encoded in key order, so the same content is the same bytes (the
+        // agent's Workload API streams compare digests of what they send).
+        .btree_map(".")
         .build_client(true)
         .build_server(true)
         .compile_fds(descriptors)?;

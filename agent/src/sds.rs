@@ -500,7 +500,7 @@ fn build_resources(
                 roots_secret(name.to_string(), &snapshot.bundle)
             }
             SecretName::Bundle(td) => return Err(SdsError::UnknownTrustDomain(td.clone())),
-            // TODO(#4): federated bundles join the own one here once the CA federates.
+            // meshward does not federate (one trust domain per CA, DESIGN.md): the own bundle only.
             SecretName::All => spiffe_validator_secret(name.to_string(), [&snapshot.bundle]),
         };
         secrets.push(secret);

@@ -19,7 +19,7 @@
 
 pub mod client;
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::marker::PhantomData;
 use std::pin::Pin;
@@ -662,8 +662,8 @@ fn x509_svids(
     Ok(Some(pb::X509svidResponse {
         svids,
         crl: Vec::new(),
-        // TODO(#4): federated bundles once the CA federates.
-        federated_bundles: HashMap::new(),
+        // meshward does not federate (one trust domain per CA, DESIGN.md).
+        federated_bundles: BTreeMap::new(),
     }))
 }
 
@@ -675,7 +675,7 @@ fn x509_bundles(
     if snapshot.matching(selectors).is_empty() {
         return Err(no_identity(selectors));
     }
-    let bundles = HashMap::from([(
+    let bundles = BTreeMap::from([(
         snapshot.trust_domain.id().to_string(),
         snapshot.bundle.to_der_concat(),
     )]);
@@ -696,7 +696,7 @@ fn jwt_bundles(
     if snapshot.jwt_bundle.is_empty() {
         return Ok(None);
     }
-    let bundles = HashMap::from([(
+    let bundles = BTreeMap::from([(
         snapshot.trust_domain.id().to_string(),
         snapshot.jwt_bundle.to_jwks_json(),
     )]);

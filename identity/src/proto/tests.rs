@@ -130,3 +130,26 @@ fn garbage_bytes_do_not_decode_as_a_request() {
     assert!(workload::JwtsvidRequest::decode(&garbage[..]).is_err());
     assert!(ca::MintX509SvidsRequest::decode(&garbage[..]).is_err());
 }
+
+/// The agent sends a Workload API update only when its encoding differs from the last one sent,
+/// so equal maps must encode to equal bytes whatever order their entries were added in.
+#[test]
+fn maps_encode_in_key_order() {
+    let domains = ["spiffe://c", "spiffe://a", "spiffe://b"];
+    let response = |order: &[&str]| workload::X509BundlesResponse {
+        crl: Vec::new(),
+        bundles: order
+            .iter()
+            .map(|td| ((*td).to_string(), td.as_bytes().to_vec()))
+            .collect(),
+    };
+    let forward = bytes(&response(&domains));
+    let mut reversed = domains;
+    reversed.reverse();
+    assert_eq!(forward, bytes(&response(&reversed)));
+    let first_key = forward
+        .windows(b"spiffe://".len() + 1)
+        .find(|w| w.starts_with(b"spiffe://"))
+        .unwrap();
+    assert_eq!(first_key, b"spiffe://a");
+}
