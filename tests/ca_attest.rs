@@ -20,7 +20,7 @@ use meshward_identity::test_util::TestPki;
 use meshward_identity::verify::{PeerRole, PeerVerifier};
 use meshward_identity::x509::{SvidKey, make_csr};
 use meshward_tests::{
-    AgentSvid, CaOptions, CaProcess, agent_id, attest_request, trust_domain, workload_request,
+    CaOptions, CaProcess, agent_id, attest_request, trust_domain, workload_request,
 };
 use rustls_pki_types::{CertificateDer, UnixTime};
 use serde_json::Value;
@@ -200,33 +200,6 @@ async fn an_unknown_join_token_is_refused() {
     attest_with(&ca, &real, NODE).await.unwrap();
 }
 
-/// Renews `agent` over its own mTLS connection; the renewed SVID as an `AgentSvid`.
-async fn renew(ca: &CaProcess, agent: &AgentSvid) -> AgentSvid {
-    let key = SvidKey::generate().unwrap();
-    let svid = ca
-        .as_agent(agent)
-        .await
-        .renew_agent(pb::RenewAgentRequest {
-            csr: make_csr(&key, &agent.id).unwrap(),
-        })
-        .await
-        .expect("renew the agent svid")
-        .into_inner()
-        .svid
-        .unwrap();
-    AgentSvid {
-        id: agent.id.clone(),
-        chain: svid
-            .cert_chain
-            .into_iter()
-            .map(CertificateDer::from)
-            .collect(),
-        key,
-        serial: svid.serial,
-        expires_at: svid.expires_at,
-    }
-}
-
 /// A renewal answer lost on the way (the agent never got the SVID the CA signed) does not lock the
 /// agent out: its SVID works until it presents a newer one, so it renews again. `ca agent list`
 /// shows the pending SVID; the one never used is refused.
@@ -236,8 +209,8 @@ async fn a_lost_renewal_answer_does_not_lock_the_agent_out() {
     ca.create_entry(WEB, NODE);
     let agent = ca.attest(NODE).await;
     let journal = ca.journal_count();
-    let lost = renew(&ca, &agent).await;
-    let renewed = renew(&ca, &agent).await;
+    let lost = ca.renew_agent(&agent).await;
+    let renewed = ca.renew_agent(&agent).await;
     assert_eq!(
         ca.journal_count(),
         journal + 2,

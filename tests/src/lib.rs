@@ -396,18 +396,24 @@ impl CaProcess {
             .expect("attest with a fresh join token")
             .into_inner();
         let svid = response.svid.expect("attest returns an svid");
-        assert_eq!(svid.spiffe_id, id.as_str());
-        AgentSvid {
-            id,
-            chain: svid
-                .cert_chain
-                .into_iter()
-                .map(CertificateDer::from)
-                .collect(),
-            key,
-            serial: svid.serial,
-            expires_at: svid.expires_at,
-        }
+        AgentSvid::issued(id, key, svid)
+    }
+
+    /// Renews `agent`'s SVID over its own mTLS connection, for a fresh key.
+    pub async fn renew_agent(&self, agent: &AgentSvid) -> AgentSvid {
+        let key = SvidKey::generate().expect("agent key");
+        let svid = self
+            .as_agent(agent)
+            .await
+            .renew_agent(pb::RenewAgentRequest {
+                csr: make_csr(&key, &agent.id).expect("csr"),
+            })
+            .await
+            .expect("renew the agent svid")
+            .into_inner()
+            .svid
+            .expect("renew returns an svid");
+        AgentSvid::issued(agent.id.clone(), key, svid)
     }
 
     /// How many SVIDs the issuance journal (SQLite) holds; written before any SVID is returned.
@@ -603,6 +609,24 @@ pub struct AgentSvid {
     pub serial: String,
     /// `notAfter`, unix seconds.
     pub expires_at: i64,
+}
+
+impl AgentSvid {
+    /// The SVID the CA returned for `id`'s `key`.
+    fn issued(id: SpiffeId, key: SvidKey, svid: pb::X509Svid) -> Self {
+        assert_eq!(svid.spiffe_id, id.as_str());
+        Self {
+            id,
+            chain: svid
+                .cert_chain
+                .into_iter()
+                .map(CertificateDer::from)
+                .collect(),
+            key,
+            serial: svid.serial,
+            expires_at: svid.expires_at,
+        }
+    }
 }
 
 /// The audit records of a CA's audit file at one moment.
