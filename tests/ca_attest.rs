@@ -202,7 +202,8 @@ async fn an_unknown_join_token_is_refused() {
 
 /// A renewal answer lost on the way (the agent never got the SVID the CA signed) does not lock the
 /// agent out: its SVID works until it presents a newer one, so it renews again. `ca agent list`
-/// shows the pending SVID; the one never used is refused.
+/// shows the pending SVID (in JSON, and as the text output's state); the one never used is
+/// refused.
 #[tokio::test]
 async fn a_lost_renewal_answer_does_not_lock_the_agent_out() {
     let ca = ca();
@@ -225,6 +226,8 @@ async fn a_lost_renewal_answer_does_not_lock_the_agent_out() {
     assert_eq!(row["serial"], agent.serial.as_str());
     assert_eq!(row["pending_serial"], renewed.serial.as_str());
     assert_eq!(row["pending_expires_at"], renewed.expires_at);
+    let text = ca.cli_ok(&["agent", "list"]);
+    assert!(text.contains("active, renewed SVID not yet used"), "{text}");
 
     // The lost SVID was replaced before it was ever used: it gets nothing.
     let journal = ca.journal_count();
@@ -251,6 +254,11 @@ async fn a_lost_renewal_answer_does_not_lock_the_agent_out() {
     assert_eq!(row["serial"], renewed.serial.as_str());
     assert_eq!(row["expires_at"], renewed.expires_at);
     assert_eq!(row["pending_serial"], Value::Null);
+    let text = ca.cli_ok(&["agent", "list"]);
+    assert!(
+        text.contains("  active\n") && !text.contains("renewed SVID"),
+        "{text}"
+    );
     let journal = ca.journal_count();
     let err = ca
         .as_agent(&agent)

@@ -528,20 +528,13 @@ async fn agent(command: AgentCommand) -> Result<(), CaCliError> {
                     )?;
                     let now = unix_now();
                     for a in &agents {
-                        let state = if a.evicted {
-                            "evicted"
-                        } else if a.expires_at <= now {
-                            "expired"
-                        } else {
-                            "active"
-                        };
                         say!(
                             "{:<56}  {:<16}  {:<10}  {:<20}  {}",
                             a.spiffe_id,
                             a.node,
                             a.attestation,
                             utc(a.expires_at),
-                            state
+                            agent_state(a, now)
                         )?;
                     }
                 }
@@ -718,6 +711,22 @@ fn agent_json(a: &pb::Agent) -> Value {
         "pending_serial": (!a.pending_serial.is_empty()).then_some(&a.pending_serial),
         "pending_expires_at": (!a.pending_serial.is_empty()).then_some(a.pending_expires_at),
     })
+}
+
+/// The STATE column of `ca agent list`. A renewed SVID the agent has not presented yet is shown:
+/// until the agent uses it the old one (EXPIRES) still works, and it keeps the agent in service
+/// even past the old one's expiry.
+fn agent_state(a: &pb::Agent, now: i64) -> &'static str {
+    let pending = !a.pending_serial.is_empty() && a.pending_expires_at > now;
+    if a.evicted {
+        "evicted"
+    } else if pending {
+        "active, renewed SVID not yet used"
+    } else if a.expires_at <= now {
+        "expired"
+    } else {
+        "active"
+    }
 }
 
 fn authority_json(a: &pb::Authority) -> Value {

@@ -117,3 +117,28 @@ fn utc_formats_unix_seconds() {
     assert_eq!(utc(0), "1970-01-01T00:00:00Z");
     assert_eq!(utc(86_400 + 61), "1970-01-02T00:01:01Z");
 }
+
+#[test]
+fn agent_state_shows_a_renewed_svid_not_yet_used() {
+    let now = 1_000;
+    let agent = |expires_at, pending: Option<i64>, evicted| pb::Agent {
+        expires_at,
+        pending_serial: pending.map(|_| "0a1b".to_owned()).unwrap_or_default(),
+        pending_expires_at: pending.unwrap_or_default(),
+        evicted,
+        ..Default::default()
+    };
+    assert_eq!(agent_state(&agent(2_000, None, false), now), "active");
+    assert_eq!(agent_state(&agent(now, None, false), now), "expired");
+    let renewed = "active, renewed SVID not yet used";
+    assert_eq!(agent_state(&agent(2_000, Some(3_000), false), now), renewed);
+    // The old SVID expired, the renewed one has not: the agent can still use the renewed one.
+    assert_eq!(agent_state(&agent(500, Some(3_000), false), now), renewed);
+    // A pending SVID that expired unused keeps nothing alive.
+    assert_eq!(agent_state(&agent(500, Some(900), false), now), "expired");
+    assert_eq!(agent_state(&agent(2_000, Some(900), false), now), "active");
+    assert_eq!(
+        agent_state(&agent(2_000, Some(3_000), true), now),
+        "evicted"
+    );
+}
