@@ -7,6 +7,7 @@
 //! the local app a 502 saying why (HTTP) or a closed connection (TCP).
 
 mod connector;
+mod demand;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -15,7 +16,8 @@ use std::time::Duration;
 use http::header::{self, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, StatusCode, Uri, Version};
-use http_body_util::Either;
+use http_body_util::{Either, Full};
+use hyper::body::Bytes;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
@@ -25,10 +27,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
 
 pub use self::connector::{ConnectError, MtlsConnector, MtlsStream};
+pub use self::demand::{InFlightBody, MAX_CONNECTING};
 use crate::config::{Limits, OutboundListener, Protocol};
 use crate::hop_by_hop::strip_hop_by_hop;
 use crate::identity_source::IdentityHandle;
-use crate::inbound::{ProxyBody, text};
+use crate::inbound::text;
 use crate::metrics::ProxyMetrics;
 use crate::server::{Drain, serve_http};
 use crate::tcp::relay;
@@ -48,6 +51,9 @@ const UPSTREAM_POOL_IDLE_MAX: Duration = Duration::from_secs(90);
 pub fn upstream_pool_idle(limits: &Limits) -> Duration {
     (limits.header_read_timeout / 2).min(UPSTREAM_POOL_IDLE_MAX)
 }
+
+/// A response to the local app: the upstream's, streamed, or one the proxy wrote.
+pub type OutboundBody = Either<InFlightBody, Full<Bytes>>;
 
 /// What every connection of one outbound listener shares.
 #[derive(Debug)]
@@ -160,7 +166,7 @@ impl Outbound {
         }
     }
 
-    async fn forward(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+    async fn forward(&self, req: Request<Incoming>) -> Response<OutboundBody> {
         let (mut parts, body) = req.into_parts();
         // Keep the app's own authority (it names the service; the inbound side decides on it);
         // fall back to the upstream's address.
@@ -198,11 +204,14 @@ impl Outbound {
         }
         parts.uri = uri;
         parts.version = Version::HTTP_11;
+        // Counted until the response body is done: the pool makes connections for what is in
+        // flight, not one per request that waited (see `demand`).
+        let in_flight = self.connector.demand().request();
         match self.client.request(Request::from_parts(parts, body)).await {
             Ok(response) => {
                 let (mut parts, body) = response.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
-                Response::from_parts(parts, Either::Left(body))
+                Response::from_parts(parts, Either::Left(InFlightBody::new(body, in_flight)))
             }
             Err(e) => {
                 self.metrics.upstream_failure(false);

@@ -105,6 +105,88 @@ async fn counting_relay(to: std::net::SocketAddr) -> (std::net::SocketAddr, Arc<
     (addr, accepted)
 }
 
+/// A TCP relay to `to` that accepts nothing until `open` fires, like an upstream that stalled:
+/// connections made meanwhile wait in the kernel's accept queue. Returns its address, how many
+/// connections waited there when it opened, and how many it accepted in all.
+async fn stalled_relay(
+    to: std::net::SocketAddr,
+    open: tokio::sync::oneshot::Receiver<()>,
+) -> (std::net::SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (waited, accepted) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (waited_count, accepted_count) = (Arc::clone(&waited), Arc::clone(&accepted));
+    tokio::spawn(async move {
+        let _ = open.await;
+        let mut queued = Vec::new();
+        while let Ok(Ok((tcp, _))) =
+            tokio::time::timeout(Duration::from_millis(200), listener.accept()).await
+        {
+            queued.push(tcp);
+        }
+        waited_count.store(queued.len(), Ordering::SeqCst);
+        let forward = |mut inbound: tokio::net::TcpStream| {
+            accepted_count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut upstream = tokio::net::TcpStream::connect(to).await.unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut upstream).await;
+            });
+        };
+        queued.into_iter().for_each(forward);
+        while let Ok((tcp, _)) = listener.accept().await {
+            forward(tcp);
+        }
+    });
+    (addr, waited, accepted)
+}
+
+/// hyper's pool starts a connection for every request that finds no idle one, and finishes it even
+/// when another request's connection serves it first: after a stall, a handshake per queued
+/// request, on the CPUs that must catch up. meshward's pool makes at most `MAX_CONNECTING`
+/// attempts at once, and only while the requests in flight outnumber the connections.
+#[tokio::test]
+async fn requests_queued_behind_a_stalled_upstream_do_not_each_start_a_handshake() {
+    const REQUESTS: usize = 30;
+    let server = Harness::http().await;
+    let (open, opened) = tokio::sync::oneshot::channel();
+    let (relay, waited, accepted) = stalled_relay(server.inbound(), opened).await;
+    let client = Harness::with_identity(Arc::clone(&server.pki), WEB, |config, _| {
+        config.inbound.clear();
+        config.upstream_http2 = false;
+        config.outbound.push(outbound(relay, API, Protocol::Http));
+    })
+    .await;
+    let calls: Vec<_> = (0..REQUESTS)
+        .map(|i| {
+            let addr = client.outbound(0);
+            tokio::spawn(async move { plain_get(addr, &format!("/api/{i}")).await })
+        })
+        .collect();
+    // Every request reaches the client sidecar and waits for a connection.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    open.send(()).unwrap();
+    for call in calls {
+        let response = call.await.unwrap();
+        assert_eq!(status(&response), 200, "{response}");
+    }
+    assert_eq!(
+        waited.load(Ordering::SeqCst),
+        meshward_proxy::outbound::MAX_CONNECTING,
+        "connections attempted while the upstream stalled"
+    );
+    assert_eq!(server.app.seen().len(), REQUESTS);
+
+    // The attempts nobody needed any more end without connecting; later calls reuse the pool.
+    let made = accepted.load(Ordering::SeqCst);
+    assert!((1..=REQUESTS).contains(&made), "{made} connections");
+    for i in 0..5 {
+        let response = plain_get(client.outbound(0), &format!("/api/after/{i}")).await;
+        assert_eq!(status(&response), 200, "{response}");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(accepted.load(Ordering::SeqCst), made);
+}
+
 #[tokio::test]
 async fn idle_http1_upstream_connections_are_dropped_before_the_callee_closes_them() {
     // The callee closes an idle HTTP/1.1 keep-alive connection after its header read timeout; the

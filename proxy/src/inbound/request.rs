@@ -391,8 +391,8 @@ pub(crate) fn app_authority(app: std::net::SocketAddr) -> Authority {
     Authority::try_from(app.to_string()).unwrap_or_else(|_| Authority::from_static("127.0.0.1"))
 }
 
-/// A short plain-text response written by the proxy.
-pub(crate) fn text(status: StatusCode, body: String) -> Response<ProxyBody> {
+/// A short plain-text response written by the proxy (in either side's body type).
+pub(crate) fn text<B>(status: StatusCode, body: String) -> Response<Either<B, Full<Bytes>>> {
     let mut response = Response::new(Either::Right(Full::new(Bytes::from(body))));
     *response.status_mut() = status;
     response.headers_mut().insert(

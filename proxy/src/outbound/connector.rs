@@ -17,6 +17,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
+use super::demand::{Demand, Live, NotNeeded};
 use crate::handshake::{HandshakeError, classify};
 use crate::identity_source::IdentityHandle;
 use crate::metrics::ProxyMetrics;
@@ -36,6 +37,8 @@ struct Inner {
     connect_timeout: Duration,
     handshake_timeout: Duration,
     metrics: ProxyMetrics,
+    /// The pool's demand: pooled connections (made through `tower::Service`) wait for it.
+    demand: Arc<Demand>,
 }
 
 /// An established mTLS connection to the upstream.
@@ -43,6 +46,8 @@ struct Inner {
 pub struct MtlsStream {
     io: TokioIo<TlsStream<TcpStream>>,
     h2: bool,
+    /// For a pooled connection: counted as live until it is dropped.
+    _live: Option<Live>,
 }
 
 /// Why the upstream could not be reached or was refused.
@@ -77,6 +82,14 @@ pub enum ConnectError {
         /// Why, with the bounded metric reason.
         source: HandshakeError,
     },
+    /// A pooled connection attempt that no request needed (see `demand`); it ends unseen.
+    #[error("upstream `{upstream}`: {source}")]
+    NotNeeded {
+        /// The upstream address.
+        upstream: String,
+        /// How long it waited.
+        source: NotNeeded,
+    },
 }
 
 impl MtlsConnector {
@@ -106,11 +119,35 @@ impl MtlsConnector {
                 connect_timeout,
                 handshake_timeout,
                 metrics,
+                demand: Demand::new(),
             }),
         }
     }
 
-    /// Connects and handshakes once.
+    /// The pool's demand for connections: requests through the pool count in it.
+    pub fn demand(&self) -> &Arc<Demand> {
+        &self.inner.demand
+    }
+
+    /// A connection for the pool: made once one is needed, and counted while it lives.
+    async fn connect_pooled(&self) -> Result<MtlsStream, ConnectError> {
+        let inner = &self.inner;
+        let wait = inner.connect_timeout + inner.handshake_timeout;
+        let attempt =
+            inner
+                .demand
+                .attempt(wait)
+                .await
+                .map_err(|source| ConnectError::NotNeeded {
+                    upstream: inner.upstream.clone(),
+                    source,
+                })?;
+        let mut stream = self.connect().await?;
+        stream._live = Some(attempt.connected(stream.h2));
+        Ok(stream)
+    }
+
+    /// Connects and handshakes once, now (for a TCP relay: not counted in the pool's demand).
     pub async fn connect(&self) -> Result<MtlsStream, ConnectError> {
         let inner = &self.inner;
         let Some(config) = inner
@@ -163,6 +200,7 @@ impl MtlsConnector {
         Ok(MtlsStream {
             io: TokioIo::new(tls),
             h2,
+            _live: None,
         })
     }
 }
@@ -186,7 +224,7 @@ impl tower::Service<Uri> for MtlsConnector {
     // The URI is ignored: this connector only ever dials its one upstream.
     fn call(&mut self, _uri: Uri) -> Self::Future {
         let this = self.clone();
-        Box::pin(async move { this.connect().await })
+        Box::pin(async move { this.connect_pooled().await })
     }
 }
 
