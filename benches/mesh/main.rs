@@ -1,11 +1,16 @@
 //! Proxy pair vs Envoy pair (DESIGN.md §6, issues #5 and #8), in one run on one machine.
 //!
-//! Two topologies on loopback, every part its own OS process:
+//! Three topologies on loopback, every part its own OS process:
 //!
 //! ```text
 //! load tool -> meshward proxy (outbound) -mTLS-> meshward proxy (inbound, Cedar + audit) -> backend
 //! load tool -> Envoy (plain listener)    -mTLS-> Envoy (RBAC filter, XFCC)               -> backend
+//! load tool -> TCP relay                 -TCP--> TCP relay                               -> backend
 //! ```
+//!
+//! The relay pair (`relay.rs`: bytes copied, nothing else) is the floor: what the crossings and
+//! wake-ups of any two-sidecar pair cost here, so what a sidecar adds is its figure minus the
+//! relay pair's.
 //!
 //! Same test PKI (made at run time; both pairs read the same svid.pem / svid.key / bundle.pem),
 //! same backend process, same load tool (`load.rs`), one worker each (`--worker-threads 1`,
@@ -26,13 +31,17 @@
 //! `meshward`, to compare), `MESHWARD_ENVOY`, `MESHWARD_BENCH_SECS` (closed loop, 8),
 //! `MESHWARD_BENCH_FIXED_SECS` (8), `MESHWARD_BENCH_RATE` (2000), `MESHWARD_BENCH_CONCURRENCY`
 //! (32), `MESHWARD_BENCH_ROUNDS` (2), `MESHWARD_BENCH_PROTOS` (`h1,h2`), `MESHWARD_BENCH_ONLY`
-//! (`meshward` or `envoy`), `MESHWARD_BENCH_PIN` (`on`/`off`), `MESHWARD_BENCH_KEEP` (keep the
-//! work directory).
+//! (a list of `meshward`, `envoy`, `relay`; all three by default), `MESHWARD_BENCH_PIN`
+//! (`on`/`off`), `MESHWARD_BENCH_KEEP` (keep the work directory), `MESHWARD_BENCH_STALL_MS` (0:
+//! with a length, each pair gets a second fixed-rate phase in which the server sidecar is stopped
+//! for that long every 2 s, `stall.rs`).
 
 mod backend;
 mod envoy;
 mod load;
 mod procs;
+mod relay;
+mod stall;
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -61,8 +70,10 @@ const LOAD_CPU: &str = "0";
 const SIDECAR_CPU: &str = "1";
 
 fn main() -> ExitCode {
-    if std::env::var(backend::ROLE_ENV).as_deref() == Ok("backend") {
-        return backend::main();
+    match std::env::var(backend::ROLE_ENV).as_deref() {
+        Ok("backend") => return backend::main(),
+        Ok("relay") => return relay::main(),
+        _ => {}
     }
     // `cargo test --all-targets` runs bench targets without `--bench`: this takes minutes.
     if !std::env::args().any(|a| a == "--bench") {
@@ -84,6 +95,8 @@ fn main() -> ExitCode {
 enum Impl {
     Meshward,
     Envoy,
+    /// Two TCP relays (`relay.rs`) in the sidecars' places: the lower bound for any pair here.
+    Relay,
 }
 
 impl Impl {
@@ -91,6 +104,7 @@ impl Impl {
         match self {
             Impl::Meshward => "meshward",
             Impl::Envoy => "Envoy 1.40",
+            Impl::Relay => "relay (TCP, no TLS)",
         }
     }
 }
@@ -107,6 +121,8 @@ struct Settings {
     impls: Vec<Impl>,
     pin: bool,
     keep: bool,
+    /// With a length, a second fixed-rate phase with the server sidecar stalled (`stall.rs`).
+    stall: Option<Duration>,
 }
 
 /// One pair's figures for one protocol in one round.
@@ -120,6 +136,8 @@ struct Run {
     usage: [Usage; 2],
     /// CPU seconds both sidecars used during the closed-loop window, per 1,000 requests.
     cpu_ms_per_1k: f64,
+    /// The fixed-rate phase with stalls, when asked for.
+    stalled: Option<(Latency, stall::Observed)>,
 }
 
 fn run() -> anyhow::Result<()> {
@@ -226,6 +244,22 @@ fn run() -> anyhow::Result<()> {
                     one.usage[1].file_kib,
                     one.cpu_ms_per_1k,
                 );
+                if let Some((lat, seen)) = one.stalled {
+                    println!(
+                        "round {} {:<10} {:<8}: {} stalls of the server sidecar: p50 {:.0} us p99 {:.0} us p99.9 {:.0} us max {:.0} us ({} errors), connections to it {} -> at most {}",
+                        round + 1,
+                        imp.label(),
+                        proto.label(),
+                        seen.stalls,
+                        lat.p50_us,
+                        lat.p99_us,
+                        lat.p999_us,
+                        lat.max_us,
+                        lat.errors,
+                        seen.conns_before,
+                        seen.conns_max,
+                    );
+                }
                 runs.push(one);
             }
         }
@@ -315,6 +349,26 @@ async fn run_pair(
             )?;
             (client, server)
         }
+        Impl::Relay => {
+            let relay = |listen: SocketAddr, upstream: SocketAddr| -> anyhow::Result<Command> {
+                let mut cmd = command(&std::env::current_exe()?, cpu);
+                cmd.env(backend::ROLE_ENV, "relay")
+                    .env(backend::LISTEN_ENV, listen.to_string())
+                    .env(relay::UPSTREAM_ENV, upstream.to_string());
+                Ok(cmd)
+            };
+            let server = Proc::spawn(
+                &format!("{tag}-server"),
+                &mut relay(server_addr, backend)?,
+                dir,
+            )?;
+            let client = Proc::spawn(
+                &format!("{tag}-client"),
+                &mut relay(client_addr, server_addr)?,
+                dir,
+            )?;
+            (client, server)
+        }
     };
     let target = Target {
         addr: client_addr,
@@ -349,6 +403,21 @@ async fn run_pair(
     };
     let latency =
         load::fixed_rate(&target, connections, settings.rate, WARMUP, settings.fixed).await?;
+    let stalled = match settings.stall {
+        Some(length) => {
+            let stalls = stall::start(
+                server.pid(),
+                server_addr.port(),
+                WARMUP + Duration::from_millis(500),
+                length,
+            )?;
+            let lat =
+                load::fixed_rate(&target, connections, settings.rate, WARMUP, settings.fixed).await;
+            let seen = stalls.finish();
+            Some((lat?, seen))
+        }
+        None => None,
+    };
     let usage = [client.usage()?, server.usage()?];
     if imp == Impl::Meshward {
         // Audit was on: one record per decided request.
@@ -367,6 +436,7 @@ async fn run_pair(
         latency,
         usage,
         cpu_ms_per_1k,
+        stalled,
     })
 }
 
@@ -506,6 +576,58 @@ fn report(settings: &Settings, runs: &[Run]) -> String {
                 m.6 / e.6,
             );
         }
+        if let (Some(r), Some(e)) = (find(Impl::Relay), find(Impl::Envoy)) {
+            let _ = writeln!(
+                ratios,
+                "- {}: the relay pair (the floor for any pair here) has fixed-rate p50 {:.2}x and p99 {:.2}x Envoy's",
+                proto.label(),
+                r.1 / e.1,
+                r.2 / e.2,
+            );
+        }
+        if let (Some(m), Some(r)) = (find(Impl::Meshward), find(Impl::Relay)) {
+            let _ = writeln!(
+                ratios,
+                "- {}: meshward adds {:.0} µs at p50 and {:.0} µs at p99 to the relay pair",
+                proto.label(),
+                m.1 - r.1,
+                m.2 - r.2,
+            );
+        }
+    }
+    if settings.stall.is_some() {
+        let _ = writeln!(
+            out,
+            "\n| between sidecars | pair | with stalls: p50 | p99 | p99.9 | max | connections to the server sidecar: before | at most |"
+        );
+        let _ = writeln!(
+            out,
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+        );
+        for &proto in &settings.protos {
+            for &imp in &settings.impls {
+                let mine: Vec<(Latency, stall::Observed)> = runs
+                    .iter()
+                    .filter(|r| r.imp == imp && r.proto == proto)
+                    .filter_map(|r| r.stalled)
+                    .collect();
+                let m = |f: &dyn Fn(&(Latency, stall::Observed)) -> f64| {
+                    median(mine.iter().map(f).collect())
+                };
+                let _ = writeln!(
+                    out,
+                    "| {} | {} | {:.0} µs | {:.0} µs | {:.0} µs | {:.0} µs | {:.0} | {:.0} |",
+                    proto.label(),
+                    imp.label(),
+                    m(&|s| s.0.p50_us),
+                    m(&|s| s.0.p99_us),
+                    m(&|s| s.0.p999_us),
+                    m(&|s| s.0.max_us),
+                    m(&|s| s.1.conns_before as f64),
+                    m(&|s| s.1.conns_max as f64),
+                );
+            }
+        }
     }
     out.push('\n');
     out.push_str(&ratios);
@@ -593,12 +715,18 @@ fn settings() -> anyhow::Result<Settings> {
             other => bail!("`MESHWARD_BENCH_PROTOS`: unknown protocol `{other}` (h1, h2)"),
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let impls = match env("MESHWARD_BENCH_ONLY").as_deref() {
-        None => vec![Impl::Meshward, Impl::Envoy],
-        Some("meshward") => vec![Impl::Meshward],
-        Some("envoy") => vec![Impl::Envoy],
-        Some(other) => bail!("`MESHWARD_BENCH_ONLY`: `{other}` is not `meshward` or `envoy`"),
-    };
+    let impls = env("MESHWARD_BENCH_ONLY")
+        .unwrap_or_else(|| "meshward,envoy,relay".to_owned())
+        .split(',')
+        .map(|i| match i.trim() {
+            "meshward" => Ok(Impl::Meshward),
+            "envoy" => Ok(Impl::Envoy),
+            "relay" => Ok(Impl::Relay),
+            other => bail!(
+                "`MESHWARD_BENCH_ONLY`: unknown pair `{other}` (a list of meshward, envoy, relay)"
+            ),
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let cpus = std::thread::available_parallelism().map_or(1, usize::from);
     let pin = match env("MESHWARD_BENCH_PIN").as_deref() {
         None | Some("on") => cpus >= 2,
@@ -617,6 +745,10 @@ fn settings() -> anyhow::Result<Settings> {
         impls,
         pin,
         keep: env("MESHWARD_BENCH_KEEP").is_some(),
+        stall: match num("MESHWARD_BENCH_STALL_MS", 0)? {
+            0 => None,
+            ms => Some(Duration::from_millis(ms)),
+        },
     })
 }
 
