@@ -2,11 +2,14 @@
 //!
 //! # Durability
 //!
-//! `append` only serializes, hashes and copies the line into an in-memory batch; a background thread
-//! writes the batch to the file and `fsync`s it once the oldest record in it is
-//! [`SyncPolicy::max_delay`] old or it holds [`SyncPolicy::max_records`] records, whichever comes
-//! first. Batches bigger than 64 KiB are written (not synced) by `append` itself, to bound memory.
-//! [`AuditLog::sync`] forces a batch out, and dropping the log flushes and syncs what is left.
+//! `append` only serializes, hashes and copies the line into an in-memory batch; it never touches
+//! the file, so a thread that decides requests never waits for the disk (nor for a lock held across
+//! a write). A background thread writes the batch to the file and `fsync`s it once the oldest
+//! record in it is [`SyncPolicy::max_delay`] old or it holds [`SyncPolicy::max_records`] records,
+//! whichever comes first; a batch of 64 KiB is written (not synced) by that thread at once. Only
+//! when the disk falls so far behind that 4 MiB are waiting does `append` write the batch itself:
+//! back-pressure, and the bound on memory. [`AuditLog::sync`] forces a batch out, and dropping the
+//! log flushes and syncs what is left.
 //!
 //! So a crash of the process or the machine can lose at most the records appended since the last
 //! completed `fsync` (about one batch), and never corrupts earlier records: lines are only appended
@@ -216,6 +219,7 @@ impl AuditLog {
                 stopping: false,
             }),
             wake: Condvar::new(),
+            writer: Mutex::new(Vec::with_capacity(FLUSH_BYTES)),
         });
         let for_thread = Arc::clone(&shared);
         let syncer = std::thread::Builder::new()
@@ -251,18 +255,24 @@ impl AuditLog {
             });
         }
         let seq = state.seq + 1;
+        let before = state.pending.len();
         let hash = finish_line(&mut state.pending, seq, &body, &state.head);
         state.seq = seq;
         state.head = hash;
         state.unsynced += 1;
+        let after = state.pending.len();
         if state.unsynced == 1 {
             state.oldest_unsynced = Some(Instant::now());
             self.shared.wake.notify_one();
-        } else if state.unsynced == self.shared.policy.max_records {
+        } else if state.unsynced == self.shared.policy.max_records
+            || (before < FLUSH_BYTES && after >= FLUSH_BYTES)
+        {
             self.shared.wake.notify_one();
         }
-        if state.pending.len() >= FLUSH_BYTES {
-            self.shared.write_pending(state)?;
+        drop(guard);
+        if after >= MAX_PENDING_BYTES {
+            // The background thread is stuck (a disk that stopped answering): wait for it here.
+            self.shared.write_out(false)?;
         }
         Ok(AuditRecordRef { id, seq, hash })
     }
@@ -318,15 +328,22 @@ impl Drop for AuditLog {
 
 // ---- internals ----------------------------------------------------------------------------------
 
-/// Pending bytes past which `append` writes the batch itself instead of waiting for the syncer.
+/// Pending bytes past which the background thread writes the batch without waiting for its sync.
 const FLUSH_BYTES: usize = 64 * 1024;
+
+/// Pending bytes past which `append` writes the batch itself (see the module docs).
+const MAX_PENDING_BYTES: usize = 4 * 1024 * 1024;
 
 struct Shared {
     path: PathBuf,
     node: String,
     policy: SyncPolicy,
-    // INVARIANT: written only while `state` is locked, so batches land in chain order.
+    // INVARIANT: written only while `writer` is locked, and a batch is taken from
+    // `State::pending` only while `writer` is locked, so batches land in chain order.
     file: File,
+    /// The write lock, always taken before `state`; it holds the buffer the batch being written is
+    /// swapped into, so `append` goes on into an empty one meanwhile.
+    writer: Mutex<Vec<u8>>,
     /// Random once per writer; record ids add a counter to it (see [`RecordId::sequenced`]).
     id_base: [u8; 10],
     id_next: AtomicU64,
@@ -358,14 +375,36 @@ impl Shared {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn write_pending(&self, state: &mut State) -> Result<(), AuditError> {
-        if state.pending.is_empty() {
+    /// Writes the pending batch. With `syncing`, the records in it are the ones the caller's
+    /// `fsync` will make durable: the sync clock restarts for those appended after.
+    fn write_out(&self, syncing: bool) -> Result<(), AuditError> {
+        let mut batch = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
+        {
+            let mut state = self.lock();
+            if let Some(reason) = &state.failed {
+                return Err(AuditError::Failed {
+                    path: self.path.clone(),
+                    reason: reason.clone(),
+                });
+            }
+            std::mem::swap(&mut state.pending, &mut *batch);
+            if syncing {
+                state.unsynced = 0;
+                state.oldest_unsynced = None;
+            }
+        }
+        if batch.is_empty() {
             return Ok(());
         }
-        let written = (&self.file).write_all(&state.pending);
-        state.pending.clear();
+        // Outside the state lock: appends go on into the other buffer while this one is written.
+        let written = (&self.file).write_all(&batch);
+        batch.clear();
+        if batch.capacity() > 4 * FLUSH_BYTES {
+            // Grown while the disk was slow: do not keep the memory.
+            batch.shrink_to(FLUSH_BYTES);
+        }
         written.map_err(|source| {
-            self.fail(state, format!("write failed: {source}"));
+            self.fail(&mut self.lock(), format!("write failed: {source}"));
             AuditError::Write {
                 path: self.path.clone(),
                 source,
@@ -374,20 +413,8 @@ impl Shared {
     }
 
     fn sync_now(&self) -> Result<(), AuditError> {
-        {
-            let mut guard = self.lock();
-            let state = &mut *guard;
-            if let Some(reason) = &state.failed {
-                return Err(AuditError::Failed {
-                    path: self.path.clone(),
-                    reason: reason.clone(),
-                });
-            }
-            self.write_pending(state)?;
-            state.unsynced = 0;
-            state.oldest_unsynced = None;
-        }
-        // Outside the lock: appends go on into the next batch while the disk catches up.
+        self.write_out(true)?;
+        // Outside both locks: appends go on into the next batch while the disk catches up.
         self.file.sync_data().map_err(|source| {
             self.fail(&mut self.lock(), format!("fsync failed: {source}"));
             AuditError::Write {
@@ -411,6 +438,13 @@ fn run_syncer(shared: &Shared) {
     loop {
         if state.stopping || state.failed.is_some() {
             return;
+        }
+        if state.pending.len() >= FLUSH_BYTES {
+            drop(state);
+            // A failure is recorded in `state.failed`; the loop then exits.
+            let _ = shared.write_out(false);
+            state = shared.lock();
+            continue;
         }
         let Some(oldest) = state.oldest_unsynced else {
             state = shared

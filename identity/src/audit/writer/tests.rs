@@ -270,7 +270,7 @@ fn appends_from_many_threads_while_syncs_run_make_one_chain() {
     const THREADS: usize = 6;
     const PER_THREAD: usize = 500;
     // Background syncs every 32 records or 1 ms, explicit syncs from another thread, and batches
-    // past the 64 KiB mark at which `append` writes them itself, all at once.
+    // past the 64 KiB mark that the background thread writes at once, all at the same time.
     let (_dir, path, log) = open_log(Duration::from_millis(1), 32);
     let log = Arc::new(log);
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -361,6 +361,38 @@ fn a_full_batch_is_written_before_its_sync_is_due() {
     log.append(wide_event(0, count + 1)).unwrap();
     drop(log);
     assert_eq!(verify(&path).unwrap().records, expected + 1);
+}
+
+/// A thread that decides requests must never wait for the disk: while a write is under way (here
+/// the write lock is held, as during a write the disk is slow to take), appends go on into the
+/// next batch, past the 64 KiB a batch is written at; once the write is done, every record lands,
+/// in chain order.
+#[test]
+fn appends_do_not_wait_for_a_write_under_way() {
+    let (_dir, path, log) = open_log(Duration::from_millis(1), 1);
+    let log = Arc::new(log);
+    let count = 3 * super::FLUSH_BYTES / 900;
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    {
+        let _writing = log.shared.writer.lock().unwrap();
+        let appender = {
+            let log = Arc::clone(&log);
+            std::thread::spawn(move || {
+                for i in 0..count {
+                    log.append(wide_event(0, i)).unwrap();
+                }
+                done_tx.send(()).unwrap();
+            })
+        };
+        done_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("appends waited for the write under way");
+        appender.join().unwrap();
+        assert_eq!(fs::metadata(&path).unwrap().len(), 0, "nothing written yet");
+        assert!(log.shared.lock().pending.len() >= 2 * super::FLUSH_BYTES);
+    }
+    log.sync().unwrap();
+    assert_eq!(verify(&path).unwrap().records, count as u64);
 }
 
 /// An audit log on /dev/full, which takes the open and the lock, then fails every write with
