@@ -29,20 +29,20 @@ pub fn main() -> ExitCode {
             return ExitCode::from(64);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread()
+    run_child("backend", serve(addr))
+}
+
+/// Runs `serve` on a current-thread runtime as the `main` of a child process named `role`: exit 0
+/// when it returns, 1 with the error on stderr when it fails.
+pub fn run_child(role: &str, serve: impl Future<Output = std::io::Result<()>>) -> ExitCode {
+    let outcome = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("backend: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(serve(addr)) {
+        .and_then(|runtime| runtime.block_on(serve));
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("backend: {e}");
+            eprintln!("{role}: {e}");
             ExitCode::FAILURE
         }
     }

@@ -25,23 +25,7 @@ pub fn main() -> ExitCode {
         );
         return ExitCode::from(64);
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("relay: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(serve(listen, upstream)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("relay: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    crate::backend::run_child("relay", serve(listen, upstream))
 }
 
 async fn serve(listen: SocketAddr, upstream: SocketAddr) -> std::io::Result<()> {
