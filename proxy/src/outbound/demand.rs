@@ -14,9 +14,11 @@
 //! while no connection is live (a cold start), one at a time once one is: a busy connection is
 //! free again after one response, which is sooner than a handshake on a CPU that is catching up.
 //! With that, the 30 ms stall grew to 38 ms instead of 73 ms, and 5 to 7 connections were made
-//! instead of about 60 (Envoy: 48 ms). A request in flight counts until its response body is done, which is when an
-//! HTTP/1.1 connection is free again. An HTTP/2 connection carries every request, so while one is
-//! live none is needed. An attempt that is not needed waits for a change (a request starting, a
+//! instead of about 60 (Envoy: 53 ms).
+//!
+//! A request in flight counts until its response body is done, which is when an HTTP/1.1
+//! connection is free again. An HTTP/2 connection carries every request, so while one is live
+//! none is needed. An attempt that is not needed waits for a change (a request starting, a
 //! connection closing, an attempt ending) and gives up after the time a connection attempt may
 //! take anyway; by then the request it was started for has long been served by a pooled
 //! connection, and only the background attempt ends, quietly.
