@@ -96,12 +96,19 @@ async fn refused_at_handshake(
             format!("{err:?}")
         }
     };
-    let log = ca.log();
-    let line = log
-        .lines()
-        .find(|l| l.contains("tls handshake failed"))
-        .unwrap_or_else(|| panic!("the ca logs the refused handshake; log:\n{log}"))
-        .to_owned();
+    // The client can see the refusal before the CA has written its log line: wait for it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let line = loop {
+        let log = ca.log();
+        if let Some(line) = log.lines().find(|l| l.contains("tls handshake failed")) {
+            break line.to_owned();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the ca logs the refused handshake; log:\n{log}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     format!("client: {client_error}\nca: {line}")
 }
 
